@@ -98,8 +98,9 @@ class QuantSpec:
         if isinstance(bits, str) and bits.isdigit():
             bits = int(bits)
         if isinstance(bits, bool) or bits not in ALLOWED_BITS:
-            raise PlanError(f"bits={self.bits!r} is not allowed; allowed values: "
-                            f"{_allowed(ALLOWED_BITS)}")
+            raise PlanError(
+                f"bits={self.bits!r} is not allowed; allowed values: {_allowed(ALLOWED_BITS)}"
+            )
         object.__setattr__(self, "bits", bits)
         object.__setattr__(
             self, "granularity", _coerce_enum(Granularity, self.granularity, "granularity")
@@ -109,16 +110,20 @@ class QuantSpec:
         )
         for name in ("symmetric", "learned_scale"):
             if not isinstance(getattr(self, name), bool):
-                raise PlanError(f"{name}={getattr(self, name)!r} is not allowed; "
-                                "allowed values: True, False")
+                raise PlanError(
+                    f"{name}={getattr(self, name)!r} is not allowed; allowed values: True, False"
+                )
         if isinstance(self.axis, bool) or not isinstance(self.axis, int) or self.axis < 0:
             raise PlanError(f"axis={self.axis!r} is not allowed; allowed values: an integer >= 0")
         if not (isinstance(self.percentile, (int, float)) and 0 < self.percentile <= 100):
-            raise PlanError(f"percentile={self.percentile!r} is not allowed; "
-                            "allowed values: a number in (0, 100]")
+            raise PlanError(
+                f"percentile={self.percentile!r} is not allowed; "
+                "allowed values: a number in (0, 100]"
+            )
         if not (isinstance(self.momentum, (int, float)) and 0 < self.momentum <= 1):
-            raise PlanError(f"momentum={self.momentum!r} is not allowed; "
-                            "allowed values: a number in (0, 1]")
+            raise PlanError(
+                f"momentum={self.momentum!r} is not allowed; allowed values: a number in (0, 1]"
+            )
         if isinstance(self.bins, bool) or not isinstance(self.bins, int) or self.bins < 16:
             raise PlanError(f"bins={self.bins!r} is not allowed; allowed values: an integer >= 16")
 
@@ -163,8 +168,9 @@ class QuantSpec:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise PlanError(f"unknown QuantSpec field(s) {unknown}; allowed fields: "
-                            f"{_allowed(sorted(known))}")
+            raise PlanError(
+                f"unknown QuantSpec field(s) {unknown}; allowed fields: {_allowed(sorted(known))}"
+            )
         return cls(**data)
 
     def short(self) -> str:
@@ -195,8 +201,9 @@ class LayerPlan:
             if isinstance(value, Mapping):
                 object.__setattr__(self, name, QuantSpec.from_dict(value))
             elif not isinstance(value, QuantSpec):
-                raise PlanError(f"LayerPlan.{name} must be a QuantSpec or a mapping, "
-                                f"got {type(value).__name__}")
+                raise PlanError(
+                    f"LayerPlan.{name} must be a QuantSpec or a mapping, got {type(value).__name__}"
+                )
 
     @property
     def is_float(self) -> bool:
@@ -209,8 +216,9 @@ class LayerPlan:
     def from_dict(cls, data: Mapping[str, Any]) -> LayerPlan:
         unknown = sorted(set(data) - {"weight", "activation"})
         if unknown:
-            raise PlanError(f"unknown LayerPlan field(s) {unknown}; allowed fields: "
-                            "'activation', 'weight'")
+            raise PlanError(
+                f"unknown LayerPlan field(s) {unknown}; allowed fields: 'activation', 'weight'"
+            )
         return cls(**data)
 
     def short(self) -> str:
@@ -234,8 +242,9 @@ class QuantPlan:
 
     def __post_init__(self) -> None:
         if self.version != PLAN_VERSION:
-            raise PlanError(f"version={self.version!r} is not supported; allowed values: "
-                            f"{PLAN_VERSION}")
+            raise PlanError(
+                f"version={self.version!r} is not supported; allowed values: {PLAN_VERSION}"
+            )
         if not isinstance(self.layers, Mapping):
             raise PlanError(f"QuantPlan.layers must be a mapping, got {type(self.layers).__name__}")
         layers: dict[str, LayerPlan] = {}
@@ -257,16 +266,16 @@ class QuantPlan:
         return len(self.layers)
 
     @classmethod
-    def uniform(
-        cls, names: Iterable[str], weight: QuantSpec, activation: QuantSpec
-    ) -> QuantPlan:
+    def uniform(cls, names: Iterable[str], weight: QuantSpec, activation: QuantSpec) -> QuantPlan:
         """The same :class:`LayerPlan` for every named layer."""
         lp = LayerPlan(weight=weight, activation=activation)
         return cls({n: lp for n in names})
 
     def to_dict(self) -> dict[str, Any]:
-        return {"_version": self.version,
-                "layers": {n: lp.to_dict() for n, lp in self.layers.items()}}
+        return {
+            "_version": self.version,
+            "layers": {n: lp.to_dict() for n, lp in self.layers.items()},
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> QuantPlan:

@@ -1,1 +1,21 @@
-"""autoquant.space."""
+"""Search spaces and the mapping from an Optuna trial to a :class:`~autoquant.QuantPlan`."""
+
+from __future__ import annotations
+
+from autoquant.space._space import (
+    KNOBS,
+    ChoiceTrial,
+    SearchSpace,
+    baseline_params,
+    plan_from_trial,
+    qat_params_from_trial,
+)
+
+__all__ = [
+    "KNOBS",
+    "ChoiceTrial",
+    "SearchSpace",
+    "baseline_params",
+    "plan_from_trial",
+    "qat_params_from_trial",
+]

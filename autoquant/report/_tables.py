@@ -1,0 +1,231 @@
+"""pandas tables of a study's trials and Pareto front."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+import pandas as pd
+from optuna.trial import TrialState
+
+from autoquant.search import pareto_front
+
+
+def _row(t: optuna.trial.FrozenTrial, baseline: dict[str, Any]) -> dict[str, Any]:
+    ua = t.user_attrs
+    lat = (ua.get("latency") or [{}])[0]
+    acc = ua.get("accuracy")
+    size = ua.get("size_bytes")
+    return {
+        "trial": t.number,
+        "state": t.state.name,
+        "baseline": ua.get("baseline", ""),
+        "accuracy": acc,
+        "drop": (baseline["accuracy"] - acc) if acc is not None else None,
+        "size_bytes": size,
+        "size_kb": size / 1024 if size is not None else None,
+        "size_ratio": size / baseline["size_bytes"] if size is not None else None,
+        "latency_ms": ua.get("latency_ms"),
+        "latency_iqr_ms": lat.get("iqr_ms"),
+        "speedup": (baseline["latency_ms"] / ua["latency_ms"]) if ua.get("latency_ms") else None,
+        "plan": ua.get("plan_summary", ""),
+        "qat_lr": (ua.get("qat") or {}).get("lr"),
+        "qat_steps": (ua.get("qat") or {}).get("steps"),
+        "trial_s": (ua.get("timing_s") or {}).get("total"),
+        "fail_reason": ua.get("fail_reason", ""),
+    }
+
+
+def trials_frame(study: optuna.Study) -> pd.DataFrame:
+    """One row per trial (every state) with metrics relative to the float baseline."""
+    baseline = study.user_attrs["float_baseline"]
+    rows = [_row(t, baseline) for t in study.get_trials(deepcopy=False)]
+    return pd.DataFrame(rows, columns=list(_row_columns()))
+
+
+def _row_columns() -> list[str]:
+    return [
+        "trial",
+        "state",
+        "baseline",
+        "accuracy",
+        "drop",
+        "size_bytes",
+        "size_kb",
+        "size_ratio",
+        "latency_ms",
+        "latency_iqr_ms",
+        "speedup",
+        "plan",
+        "qat_lr",
+        "qat_steps",
+        "trial_s",
+        "fail_reason",
+    ]
+
+
+def front_frame(study: optuna.Study, max_drop: float | None = None) -> pd.DataFrame:
+    """The Pareto front (complete, feasible, non-dominated trials) as a table.
+
+    Example:
+        >>> front_frame(study, max_drop=0.01)[["trial", "accuracy", "size_kb"]]  # doctest: +SKIP
+    """
+    baseline = study.user_attrs["float_baseline"]
+    rows = [_row(t, baseline) for t in pareto_front(study, max_drop)]
+    df = pd.DataFrame(rows, columns=_row_columns())
+    return df.drop(columns=["state", "fail_reason"])
+
+
+def failed_frame(study: optuna.Study) -> pd.DataFrame:
+    """Failed trials with their recorded reasons."""
+    baseline = study.user_attrs["float_baseline"]
+    rows = [_row(t, baseline) for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))]
+    return pd.DataFrame(rows, columns=_row_columns())[["trial", "plan", "fail_reason"]]
+
+
+def format_table(df: pd.DataFrame) -> str:
+    """Human-readable fixed-width table."""
+    fmt = {
+        "accuracy": "{:.4f}".format,
+        "drop": "{:+.4f}".format,
+        "size_kb": "{:.2f}".format,
+        "size_ratio": "{:.3f}".format,
+        "latency_ms": "{:.4g}".format,
+        "latency_iqr_ms": "{:.4g}".format,
+        "speedup": "{:.2f}x".format,
+        "trial_s": "{:.1f}".format,
+    }
+    cols = [
+        c
+        for c in (
+            "trial",
+            "baseline",
+            "accuracy",
+            "drop",
+            "size_kb",
+            "size_ratio",
+            "latency_ms",
+            "speedup",
+            "plan",
+        )
+        if c in df.columns
+    ]
+    if "fail_reason" in df.columns and "accuracy" not in df.columns:
+        cols = list(df.columns)
+    out = df[cols].copy()
+    for c, f in fmt.items():
+        if c in out.columns:
+            out[c] = out[c].map(lambda v, f=f: "" if v is None or pd.isna(v) else f(v))
+    return out.to_string(index=False)
+
+
+FORMATS = ("table", "json", "csv")
+
+
+def points_text(fraction: float) -> str:
+    """An accuracy difference as percentage points, e.g. ``1 point`` or ``0.5 points``."""
+    pts = round(100 * fraction, 6)
+    return f"{pts:g} point" + ("" if pts == 1 else "s")
+
+
+def format_frame(df: pd.DataFrame, fmt: str = "table") -> str:
+    """Render a frame for the CLI: ``table`` (fixed width), ``json`` (records) or ``csv``.
+
+    Example:
+        >>> print(format_frame(pd.DataFrame({"trial": [3], "accuracy": [0.9]}), "csv"), end="")
+        trial,accuracy
+        3,0.9
+    """
+    if fmt == "json":
+        return df.to_json(orient="records", indent=2)
+    if fmt == "csv":
+        return df.to_csv(index=False)
+    if fmt == "table":
+        if df.empty:
+            return "(no rows)"
+        return format_table(df) if "accuracy" in df.columns else df.to_string(index=False)
+    raise ValueError(
+        f"format={fmt!r} is not allowed; allowed values: {', '.join(repr(f) for f in FORMATS)}"
+    )
+
+
+def accuracy_drop(trial: optuna.trial.FrozenTrial, float_accuracy: float) -> float:
+    """The stored accuracy drop, else float accuracy minus the trial's accuracy."""
+    ua = trial.user_attrs
+    if "accuracy_drop" in ua:
+        return float(ua["accuracy_drop"])
+    return float(float_accuracy - ua["accuracy"])
+
+
+def layer_order(study: optuna.Study) -> list[str]:
+    """Layer names in model order (study attrs), then any other layer the plans name."""
+    names = [layer["name"] for layer in study.user_attrs.get("layers", [])]
+    seen = set(names)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        for name in (t.user_attrs.get("plan") or {}).get("layers", {}):
+            if name not in seen:
+                seen.add(name)
+                names.append(name)
+    return names
+
+
+def sensitivity_frame(
+    study: optuna.Study, *, low_bits: int = 4, high_bits: int = 8
+) -> pd.DataFrame:
+    """Per layer: mean accuracy of complete trials whose weight had ≤ ``low_bits`` vs
+    exactly ``high_bits`` bits, with counts.
+
+    A large ``gain`` (mean at ``high_bits`` minus mean at ≤ ``low_bits``) marks a layer
+    that costs accuracy when squeezed, i.e. one the search learned to protect. Float
+    layers (absent from a plan, or fp16/fp32) and other bit widths are in neither group.
+
+    Example:
+        >>> sensitivity_frame(study).sort_values("gain", ascending=False)  # doctest: +SKIP
+    """
+    from autoquant.types import QuantPlan
+
+    names = layer_order(study)
+    groups: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in names}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if "plan" not in t.user_attrs or "accuracy" not in t.user_attrs:
+            continue
+        plan = QuantPlan.from_dict(t.user_attrs["plan"])
+        for name, lp in plan.layers.items():
+            bits = lp.weight.bits
+            if isinstance(bits, str):
+                continue
+            if bits <= low_bits:
+                groups[name][0].append(t.user_attrs["accuracy"])
+            elif bits == high_bits:
+                groups[name][1].append(t.user_attrs["accuracy"])
+    types = {la["name"]: la for la in study.user_attrs.get("layers", [])}
+    rows = []
+    for name in names:
+        low, high = groups[name]
+        mean_low = sum(low) / len(low) if low else None
+        mean_high = sum(high) / len(high) if high else None
+        rows.append(
+            {
+                "layer": name,
+                "type": types.get(name, {}).get("type_name", ""),
+                "params": types.get(name, {}).get("params"),
+                f"n_w_le{low_bits}": len(low),
+                f"acc_w_le{low_bits}": mean_low,
+                f"n_w{high_bits}": len(high),
+                f"acc_w{high_bits}": mean_high,
+                "gain": (mean_high - mean_low) if low and high else None,
+            }
+        )
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "layer",
+            "type",
+            "params",
+            f"n_w_le{low_bits}",
+            f"acc_w_le{low_bits}",
+            f"n_w{high_bits}",
+            f"acc_w{high_bits}",
+            "gain",
+        ],
+    )

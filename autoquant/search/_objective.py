@@ -1,0 +1,207 @@
+"""One trial: plan → fake-quant model → calibrate → QAT → evaluate → size → latency."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from autoquant.measure import LatencyCache, measure_float_latency, measure_latency
+from autoquant.space import plan_from_trial, qat_params_from_trial
+from autoquant.space._space import ChoiceTrial
+from autoquant.tasks import Task, get_task
+from autoquant.train import evaluate, qat_finetune
+from autoquant.transform import (
+    apply_plan,
+    calibration,
+    float_size_bytes,
+    packed_size_bytes,
+    quantizable_layers,
+)
+from autoquant.types import QuantPlan
+
+from ._spec import StudySpec
+
+_MAX_HISTORY = 200  # loss points kept per trial; longer histories are subsampled
+
+
+@dataclass
+class TrialResult:
+    """What :func:`SearchContext.run_plan` produces; ``attrs`` go onto the Optuna trial."""
+
+    model: nn.Module
+    plan: QuantPlan
+    values: dict[str, float]
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+class SearchContext:
+    """The task, float model, data and caches shared by all trials of one study in a process.
+
+    Example:
+        >>> ctx = SearchContext(StudySpec(name="d", task="digits-cnn"))  # doctest: +SKIP
+        >>> result = ctx.run_plan(plan, lr=1e-3, steps=20)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        spec: StudySpec,
+        *,
+        task: Task | None = None,
+        latency_cache: LatencyCache | None = None,
+    ) -> None:
+        self.spec = spec
+        self.task = task or get_task(spec.task, **dict(spec.task_options))
+        self.device = torch.device(spec.device)
+        self.float_model = self.task.model_factory().eval()
+        self.example_input = self.task.example_input(spec.latency.batch_sizes[0])
+        self.layers = quantizable_layers(self.float_model, self.example_input)
+        self.layer_names = [info.name for info in self.layers]
+        self.searched = spec.space.select(self.layer_names)
+        self.calib = self.task.calib_batches(spec.qat.calib_batch_size)[: spec.qat.calib_batches]
+        self.eval = self.task.eval_batches(spec.qat.eval_batch_size)
+        self.latency_cache = latency_cache or LatencyCache()
+
+    # -- baseline ----------------------------------------------------------------------
+
+    def float_baseline(self) -> dict[str, Any]:
+        """Float accuracy, size and latency of the (BN-folded) float model."""
+        model = copy.deepcopy(self.float_model).to(self.device)
+        acc = evaluate(model, self.eval, device=self.device)
+        lat = self._latencies(model.cpu(), None)
+        return {
+            "accuracy": acc,
+            "size_bytes": float_size_bytes(self.float_model),
+            "latency_ms": lat[0]["median_ms"],
+            "latency": lat,
+        }
+
+    # -- one trial ---------------------------------------------------------------------
+
+    def plan_for(self, trial: ChoiceTrial) -> tuple[QuantPlan, dict[str, Any]]:
+        plan = plan_from_trial(trial, self.spec.space, self.layer_names)
+        qat = qat_params_from_trial(trial, self.spec.space, self.spec.qat.lr, self.spec.qat.steps)
+        return plan, qat
+
+    def run_plan(
+        self,
+        plan: QuantPlan,
+        *,
+        lr: float,
+        steps: int,
+        float_accuracy: float | None = None,
+        on_attr: Callable[[str, Any], None] | None = None,
+    ) -> TrialResult:
+        """Apply, calibrate, fine-tune and score one plan (deterministic under the study seed).
+
+        Raises:
+            autoquant.train.NonFiniteLossError: the QAT loss became NaN or inf.
+        """
+        spec = self.spec
+        timing: dict[str, float] = {}
+        t0 = time.perf_counter()
+        torch.manual_seed(spec.seed)
+        model = apply_plan(self.float_model, plan).to(self.device)
+        with calibration(model), torch.no_grad():
+            for x, _ in self.calib:
+                model(x.to(self.device))
+        timing["calibrate"] = time.perf_counter() - t0
+
+        t = time.perf_counter()
+        history = (
+            qat_finetune(
+                model,
+                self.task.train_batches(spec.qat.batch_size, seed=spec.seed),
+                self.task.loss_fn,
+                steps=steps,
+                lr=lr,
+                optimizer=spec.qat.optimizer,
+                device=self.device,
+            )
+            if steps > 0
+            else []
+        )
+        timing["qat"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        accuracy = evaluate(model, self.eval, device=self.device)
+        timing["eval"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        model = model.cpu().eval()
+        size = packed_size_bytes(model, plan)
+        latencies = self._latencies(model, plan)
+        timing["measure"] = time.perf_counter() - t
+        timing["total"] = time.perf_counter() - t0
+
+        attrs: dict[str, Any] = {
+            "plan": plan.to_dict(),
+            "plan_summary": plan.summary(),
+            "qat": {"lr": lr, "steps": steps, "optimizer": spec.qat.optimizer},
+            "accuracy": accuracy,
+            "size_bytes": size,
+            "latency_ms": latencies[0]["median_ms"],
+            "latency": latencies,
+            "loss_history": _subsample(history, _MAX_HISTORY),
+            "timing_s": {k: round(v, 4) for k, v in timing.items()},
+            "seed": spec.seed,
+        }
+        if float_accuracy is not None:
+            attrs["accuracy_drop"] = float_accuracy - accuracy
+        values = {"accuracy": accuracy, "size": float(size), "latency": latencies[0]["median_ms"]}
+        return TrialResult(model=model, plan=plan, values=values, attrs=attrs)
+
+    def _latencies(self, model: nn.Module, plan: QuantPlan | None) -> list[dict[str, Any]]:
+        ls = self.spec.latency
+        out = []
+        for bs in ls.batch_sizes:
+            example = self.task.example_input(bs)
+            kwargs = dict(
+                backend=ls.backend,
+                threads=ls.threads,
+                warmup=ls.warmup,
+                repeats=ls.repeats,
+                budget_s=ls.budget_s,
+                cache=self.latency_cache,
+            )
+            result = (
+                measure_float_latency(model, example, **kwargs)
+                if plan is None
+                else measure_latency(model, plan, example, **kwargs)
+            )
+            out.append(result.to_dict())
+        return out
+
+
+def _subsample(values: list[float], n: int) -> list[float]:
+    if len(values) <= n:
+        return [float(v) for v in values]
+    step = len(values) / n
+    return [float(values[int(i * step)]) for i in range(n)]
+
+
+def objective_values(values: dict[str, float], objectives: tuple[str, ...]) -> list[float]:
+    out = [values[o] for o in objectives]
+    if not all(math.isfinite(v) for v in out):
+        raise FloatingPointError(f"non-finite objective values {dict(zip(objectives, out))}")
+    return out
+
+
+def replay(
+    ctx: SearchContext, params: dict[str, Any], float_accuracy: float | None = None
+) -> TrialResult:
+    """Re-run a stored trial from its parameters with Optuna's ``FixedTrial``.
+
+    Example:
+        >>> result = replay(ctx, study.trials[0].params)  # doctest: +SKIP
+    """
+    import optuna
+
+    plan, qat = ctx.plan_for(optuna.trial.FixedTrial(params))
+    return ctx.run_plan(plan, lr=qat["lr"], steps=qat["steps"], float_accuracy=float_accuracy)

@@ -1,0 +1,281 @@
+"""Study definitions: a TOML file (or Python) naming the task, space, budget and settings."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from autoquant.space import SearchSpace
+from autoquant.types import PlanError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+SAMPLERS = ("tpe", "nsga2", "gp", "random")
+OBJECTIVES = ("accuracy", "size", "latency")
+LATENCY_BACKENDS = ("onnxruntime", "torch-x86")
+OPTIMIZERS = ("sgd", "adam")
+
+
+class StudyFileError(PlanError):
+    """A study file is invalid; the message names the file, the key and the allowed values."""
+
+
+@dataclass(frozen=True)
+class QATSettings:
+    """Calibration and quantization-aware fine-tuning settings of every trial."""
+
+    steps: int = 50
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    batch_size: int = 64
+    calib_batches: int = 4
+    calib_batch_size: int = 64
+    eval_batch_size: int = 256
+
+
+@dataclass(frozen=True)
+class LatencySettings:
+    """How latency is measured (see :mod:`autoquant.measure`)."""
+
+    backend: str = "onnxruntime"
+    threads: int = 1
+    batch_sizes: tuple[int, ...] = (1,)
+    warmup: int = 10
+    repeats: int = 50
+    budget_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """Everything a study needs; loaded from ``studies/*.toml`` by :func:`load_study_spec`.
+
+    Example:
+        >>> spec = StudySpec(name="demo", task="digits-cnn", trials=4)
+        >>> spec.directions
+        ['maximize', 'minimize', 'minimize']
+    """
+
+    name: str
+    task: str
+    trials: int = 20
+    sampler: str = "tpe"
+    seed: int = 0
+    storage: str | None = None
+    device: str = "cpu"
+    objectives: tuple[str, ...] = OBJECTIVES
+    max_accuracy_drop: float | None = None
+    task_options: Mapping[str, Any] = field(default_factory=dict)
+    space: SearchSpace = field(default_factory=SearchSpace)
+    qat: QATSettings = field(default_factory=QATSettings)
+    latency: LatencySettings = field(default_factory=LatencySettings)
+    source: str | None = None
+
+    @property
+    def directions(self) -> list[str]:
+        return ["maximize" if o == "accuracy" else "minimize" for o in self.objectives]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form, stored on the study so reports can show the settings."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, SearchSpace):
+                v = v.to_dict()
+            elif isinstance(v, (QATSettings, LatencySettings)):
+                v = {
+                    g.name: (list(x) if isinstance(x := getattr(v, g.name), tuple) else x)
+                    for g in fields(v)
+                }
+            elif isinstance(v, tuple):
+                v = list(v)
+            elif isinstance(v, Mapping):
+                v = dict(v)
+            out[f.name] = v
+        out["storage"] = mask_password(out["storage"]) if out["storage"] else None
+        return out
+
+
+def mask_password(url: str) -> str:
+    """Hide the password of a storage URL, e.g. ``postgresql://u:***@host/db``."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+# -- TOML loading with errors that name the file, the key and the allowed values ---------
+
+_TYPES: dict[type, str] = {
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    bool: "true or false",
+    list: "a list",
+    dict: "a table",
+}
+
+
+def _check(path: str, key: str, value: Any, kind: type, allowed: tuple[Any, ...] = ()) -> Any:
+    ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise StudyFileError(
+            f"{path}: {key} = {value!r} is {type(value).__name__}; expected {_TYPES[kind]}"
+        )
+    if allowed and value not in allowed:
+        raise StudyFileError(
+            f"{path}: {key} = {value!r} is not allowed; allowed values: "
+            f"{', '.join(repr(a) for a in allowed)}"
+        )
+    return value
+
+
+def _no_unknown(path: str, table: str, data: Mapping[str, Any], known: set[str]) -> None:
+    unknown = sorted(set(data) - known)
+    if unknown:
+        where = f"[{table}]" if table else "the top level"
+        raise StudyFileError(
+            f"{path}: unknown key(s) {unknown} in {where}; allowed keys: {', '.join(sorted(known))}"
+        )
+
+
+def _dataclass_from(path: str, table: str, cls: type, data: Any) -> Any:
+    _check(path, f"[{table}]", data, dict)
+    known = {f.name: f for f in fields(cls)}
+    _no_unknown(path, table, data, set(known))
+    defaults = cls()
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        default = getattr(defaults, key)
+        kind = list if isinstance(default, tuple) else type(default)
+        value = _check(path, f"{table}.{key}", value, kind)
+        if isinstance(default, tuple):
+            value = tuple(_check(path, f"{table}.{key}[]", v, type(default[0])) for v in value)
+        if kind in (int, float) and value <= 0:
+            raise StudyFileError(f"{path}: {table}.{key} = {value!r} must be > 0")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+_TOP = {"study", "task", "space", "qat", "latency", "objectives", "constraint"}
+_STUDY = {"name", "trials", "sampler", "seed", "storage", "device"}
+
+
+def study_spec_from_dict(data: Mapping[str, Any], path: str = "<study>") -> StudySpec:
+    """Validate a parsed study file; see :func:`load_study_spec` for the format."""
+    _no_unknown(path, "", data, _TOP)
+    study = data.get("study", {})
+    _check(path, "[study]", study, dict)
+    _no_unknown(path, "study", study, _STUDY)
+    task = data.get("task")
+    if task is None:
+        raise StudyFileError(
+            f"{path}: missing [task] with name = '<built-in name or package.module:function>'"
+        )
+    _check(path, "[task]", task, dict)
+    task = dict(task)
+    task_name = _check(path, "task.name", task.pop("name", None) or "", str)
+    if not task_name:
+        raise StudyFileError(
+            f"{path}: task.name is missing; give a built-in task name or 'package.module:function'"
+        )
+    task_options = task.pop("options", {})
+    _check(path, "task.options", task_options, dict)
+    _no_unknown(path, "task", task, set())
+
+    name = _check(path, "study.name", study.get("name", Path(path).stem), str)
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise StudyFileError(f"{path}: study.name = {name!r}; allowed: letters, digits, '_.-'")
+    trials = _check(path, "study.trials", study.get("trials", 20), int)
+    if trials < 1:
+        raise StudyFileError(f"{path}: study.trials = {trials} must be >= 1")
+    sampler = _check(path, "study.sampler", study.get("sampler", "tpe"), str, SAMPLERS)
+    seed = _check(path, "study.seed", study.get("seed", 0), int)
+    storage = study.get("storage")
+    if storage is not None:
+        _check(path, "study.storage", storage, str)
+    device = _check(path, "study.device", study.get("device", "cpu"), str, ("cpu", "cuda"))
+
+    objectives = data.get("objectives", {"use": list(OBJECTIVES)})
+    _check(path, "[objectives]", objectives, dict)
+    _no_unknown(path, "objectives", objectives, {"use"})
+    use = _check(path, "objectives.use", objectives.get("use", list(OBJECTIVES)), list)
+    for o in use:
+        _check(path, "objectives.use[]", o, str, OBJECTIVES)
+    if "accuracy" not in use or len(set(use)) != len(use) or len(use) < 2:
+        raise StudyFileError(
+            f"{path}: objectives.use = {use!r} must list 'accuracy' and at "
+            f"least one of 'size', 'latency', each once"
+        )
+
+    constraint = data.get("constraint", {})
+    _check(path, "[constraint]", constraint, dict)
+    _no_unknown(path, "constraint", constraint, {"max_accuracy_drop"})
+    max_drop = constraint.get("max_accuracy_drop")
+    if max_drop is not None:
+        max_drop = _check(path, "constraint.max_accuracy_drop", max_drop, float)
+        if not 0.0 <= max_drop <= 1.0:
+            raise StudyFileError(
+                f"{path}: constraint.max_accuracy_drop = {max_drop!r} is "
+                "outside [0, 1]; it is a fraction (0.01 = one point)"
+            )
+
+    space_data = data.get("space", {})
+    _check(path, "[space]", space_data, dict)
+    try:
+        space = SearchSpace.from_dict(
+            {k: tuple(v) if isinstance(v, list) else v for k, v in space_data.items()}
+        )
+    except (PlanError, TypeError) as e:
+        raise StudyFileError(f"{path}: [space]: {e}") from None
+
+    qat = _dataclass_from(path, "qat", QATSettings, data.get("qat", {}))
+    _check(path, "qat.optimizer", qat.optimizer, str, OPTIMIZERS)
+    latency = _dataclass_from(path, "latency", LatencySettings, data.get("latency", {}))
+    _check(path, "latency.backend", latency.backend, str, LATENCY_BACKENDS)
+
+    return StudySpec(
+        name=name,
+        task=task_name,
+        trials=trials,
+        sampler=sampler,
+        seed=seed,
+        storage=storage,
+        device=device,
+        objectives=tuple(use),
+        max_accuracy_drop=max_drop,
+        task_options=task_options,
+        space=space,
+        qat=qat,
+        latency=latency,
+        source=str(path),
+    )
+
+
+def load_study_spec(path: str | os.PathLike[str]) -> StudySpec:
+    """Load and validate a study file.
+
+    The file has the tables ``[study]`` (name, trials, sampler, seed, storage, device),
+    ``[task]`` (name, options), ``[space]`` (see :class:`~autoquant.space.SearchSpace`),
+    ``[qat]``, ``[latency]``, ``[objectives]`` (use) and ``[constraint]``
+    (max_accuracy_drop). Every error names the file and the key.
+
+    Example:
+        >>> spec = load_study_spec("studies/digits.toml")  # doctest: +SKIP
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise StudyFileError(f"{p}: study file not found") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise StudyFileError(f"{p}: not valid TOML: {e}") from None
+    return study_spec_from_dict(data, str(p))

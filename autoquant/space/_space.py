@@ -1,0 +1,300 @@
+"""The search space: which layers are searched and which per-layer choices exist."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
+from typing import Any, Protocol
+
+from autoquant.types import (
+    ALLOWED_BITS,
+    CalibrationMethod,
+    Granularity,
+    LayerPlan,
+    PlanError,
+    QuantPlan,
+    QuantSpec,
+)
+
+# Per-layer knobs: parameter suffix → (QuantSpec owner, QuantSpec field, allowed values).
+KNOBS: dict[str, tuple[str, str, tuple[Any, ...]]] = {
+    "w_bits": ("weight", "bits", ALLOWED_BITS),
+    "a_bits": ("activation", "bits", ALLOWED_BITS),
+    "w_sym": ("weight", "symmetric", (True, False)),
+    "a_sym": ("activation", "symmetric", (True, False)),
+    "w_gran": ("weight", "granularity", tuple(g.value for g in Granularity)),
+    "a_gran": ("activation", "granularity", tuple(g.value for g in Granularity)),
+    "w_calib": ("weight", "calibration", tuple(c.value for c in CalibrationMethod)),
+    "a_calib": ("activation", "calibration", tuple(c.value for c in CalibrationMethod)),
+}
+
+
+class ChoiceTrial(Protocol):
+    """The part of :class:`optuna.trial.BaseTrial` the space needs (``FixedTrial`` works too)."""
+
+    def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any: ...
+
+    def suggest_float(self, name: str, low: float, high: float, *, log: bool = False) -> float: ...
+
+
+def _as_tuple(value: Any, name: str) -> tuple[Any, ...]:
+    values = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    if not values:
+        raise PlanError(f"space.{name} is empty; give at least one choice")
+    return values
+
+
+def _check_choices(name: str, values: tuple[Any, ...]) -> tuple[Any, ...]:
+    allowed = KNOBS[name][2]
+    out = []
+    for v in values:
+        if isinstance(v, str) and v.isdigit():
+            v = int(v)
+        if v not in allowed or (isinstance(v, bool) and not isinstance(allowed[0], bool)):
+            raise PlanError(
+                f"space.{name} has {v!r}; allowed values: {', '.join(repr(a) for a in allowed)}"
+            )
+        out.append(v)
+    return tuple(dict.fromkeys(out))  # de-duplicated, order kept
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Per-layer choices and which layers are searched.
+
+    Each knob (``w_bits``, ``a_bits``, ``w_sym``, ``a_sym``, ``w_gran``, ``a_gran``,
+    ``w_calib``, ``a_calib``) is a tuple of choices; a single choice is fixed and not
+    suggested. ``include``/``exclude`` are fnmatch patterns over layer names; excluded
+    layers stay float. ``tie`` maps a group name to patterns whose layers share one
+    choice. ``overrides`` maps a pattern to knob values (a scalar fixes the knob, a list
+    narrows it), e.g. ``{"conv1": {"w_bits": 8}}`` keeps the first layer at 8 bits.
+    ``lr`` (a ``(low, high)`` log range) and ``qat_steps`` (choices) make QAT
+    hyperparameters part of the search.
+
+    Example:
+        >>> space = SearchSpace(w_bits=(4, 8), overrides={"fc": {"w_bits": 8}})
+        >>> space.knob_choices("fc")["w_bits"]
+        (8,)
+    """
+
+    w_bits: tuple[Any, ...] = (2, 4, 8)
+    a_bits: tuple[Any, ...] = (8,)
+    w_sym: tuple[bool, ...] = (True,)
+    a_sym: tuple[bool, ...] = (False,)
+    w_gran: tuple[str, ...] = ("per_channel",)
+    a_gran: tuple[str, ...] = ("per_tensor",)
+    w_calib: tuple[str, ...] = ("minmax",)
+    a_calib: tuple[str, ...] = ("minmax",)
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    tie: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    lr: tuple[float, float] | None = None
+    qat_steps: tuple[int, ...] | None = None
+    percentile: float = 99.99
+    learned_scale: bool = False
+
+    def __post_init__(self) -> None:
+        for name in KNOBS:
+            object.__setattr__(
+                self, name, _check_choices(name, _as_tuple(getattr(self, name), name))
+            )
+        for name in ("include", "exclude"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+        if not self.include:
+            raise PlanError("space.include is empty; give at least one pattern such as '*'")
+        tie = {}
+        for group, patterns in dict(self.tie).items():
+            pats = (patterns,) if isinstance(patterns, str) else tuple(patterns)
+            if not pats:
+                raise PlanError(f"space.tie.{group} is empty; give at least one pattern")
+            tie[str(group)] = pats
+        object.__setattr__(self, "tie", MappingProxyType(tie))
+        overrides = {}
+        for pattern, knobs in dict(self.overrides).items():
+            if not isinstance(knobs, Mapping):
+                raise PlanError(f"space.overrides.{pattern} must be a table of knob values")
+            for knob, value in knobs.items():
+                if knob not in KNOBS:
+                    raise PlanError(
+                        f"space.overrides.{pattern} has unknown knob {knob!r}; "
+                        f"allowed: {', '.join(KNOBS)}"
+                    )
+                _check_choices(knob, _as_tuple(value, f"overrides.{pattern}.{knob}"))
+            overrides[str(pattern)] = MappingProxyType(dict(knobs))
+        object.__setattr__(self, "overrides", MappingProxyType(overrides))
+        if self.lr is not None:
+            lo, hi = (float(v) for v in self.lr)
+            if not 0 < lo <= hi:
+                raise PlanError(f"space.lr={self.lr!r} must be [low, high] with 0 < low <= high")
+            object.__setattr__(self, "lr", (lo, hi))
+        if self.qat_steps is not None:
+            steps = _as_tuple(self.qat_steps, "qat_steps")
+            if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in steps):
+                raise PlanError(f"space.qat_steps={self.qat_steps!r}; allowed: integers >= 0")
+            object.__setattr__(self, "qat_steps", steps)
+
+    # -- layer selection -------------------------------------------------------------
+
+    def select(self, layer_names: Sequence[str]) -> list[str]:
+        """The searched layers, in model order; checks that every pattern matches a layer.
+
+        Raises:
+            PlanError: a pattern matches no layer, or no layer is left to search.
+        """
+        names = list(layer_names)
+        for where, patterns in (
+            ("include", self.include),
+            ("exclude", self.exclude),
+            ("overrides", tuple(self.overrides)),
+            *((f"tie.{g}", p) for g, p in self.tie.items()),
+        ):
+            for pat in patterns:
+                if not fnmatch.filter(names, pat):
+                    raise PlanError(
+                        f"space.{where} pattern {pat!r} matches no layer; "
+                        f"layers: {', '.join(names)}"
+                    )
+        chosen = [
+            n
+            for n in names
+            if any(fnmatch.fnmatchcase(n, p) for p in self.include)
+            and not any(fnmatch.fnmatchcase(n, p) for p in self.exclude)
+        ]
+        if not chosen:
+            raise PlanError(
+                "the search space is empty: include/exclude leave no layer; "
+                f"layers: {', '.join(names)}"
+            )
+        return chosen
+
+    def group_of(self, layer: str) -> str:
+        """The parameter prefix of a layer: its tie group's name, or the layer name itself."""
+        for group, patterns in self.tie.items():
+            if any(fnmatch.fnmatchcase(layer, p) for p in patterns):
+                return group
+        return layer
+
+    def knob_choices(self, layer: str) -> dict[str, tuple[Any, ...]]:
+        """Choices for each knob of one layer after overrides (later patterns win)."""
+        choices = {k: getattr(self, k) for k in KNOBS}
+        for pattern, knobs in self.overrides.items():
+            if fnmatch.fnmatchcase(layer, pattern):
+                for knob, value in knobs.items():
+                    choices[knob] = _check_choices(knob, _as_tuple(value, knob))
+        return choices
+
+    # -- trial → plan ----------------------------------------------------------------
+
+    def param_names(self, layer_names: Sequence[str]) -> list[str]:
+        """Names of the parameters a trial suggests, e.g. ``layer1.0.conv1/w_bits``."""
+        names: list[str] = []
+        for layer in self.select(layer_names):
+            prefix = self.group_of(layer)
+            for knob, values in self.knob_choices(layer).items():
+                name = f"{prefix}/{knob}"
+                if len(values) > 1 and name not in names:
+                    names.append(name)
+        return names
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Mapping):
+                v = {k: (dict(x) if isinstance(x, Mapping) else list(x)) for k, x in v.items()}
+            elif isinstance(v, tuple):
+                v = list(v)
+            out[f.name] = v
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SearchSpace:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PlanError(
+                f"unknown space key(s) {unknown}; allowed keys: {', '.join(sorted(known))}"
+            )
+        return cls(**data)
+
+
+def plan_from_trial(
+    trial: ChoiceTrial, space: SearchSpace, layer_names: Sequence[str]
+) -> QuantPlan:
+    """Turn any Optuna trial (``Trial``, ``FrozenTrial``-replay via ``FixedTrial``) into a plan.
+
+    Parameter names are ``<layer or tie group>/<knob>``; knobs with one choice are fixed
+    and not suggested.
+
+    Example:
+        >>> import optuna
+        >>> space = SearchSpace(w_bits=(4, 8))
+        >>> plan = plan_from_trial(optuna.trial.FixedTrial({"fc/w_bits": 4}), space, ["fc"])
+        >>> plan.layers["fc"].short()
+        'w4ca8a'
+    """
+    layers: dict[str, LayerPlan] = {}
+    for layer in space.select(layer_names):
+        prefix = space.group_of(layer)
+        values: dict[str, Any] = {}
+        for knob, choices in space.knob_choices(layer).items():
+            name = f"{prefix}/{knob}"
+            values[knob] = (
+                choices[0] if len(choices) == 1 else trial.suggest_categorical(name, list(choices))
+            )
+        specs: dict[str, dict[str, Any]] = {"weight": {}, "activation": {}}
+        for knob, value in values.items():
+            owner, spec_field, _ = KNOBS[knob]
+            specs[owner][spec_field] = value
+        extra = {"percentile": space.percentile, "learned_scale": space.learned_scale}
+        layers[layer] = LayerPlan(
+            weight=QuantSpec(**specs["weight"], **extra, axis=0),
+            activation=QuantSpec(**specs["activation"], **extra, axis=1),
+        )
+    return QuantPlan(layers)
+
+
+def qat_params_from_trial(
+    trial: ChoiceTrial, space: SearchSpace, lr: float, steps: int
+) -> dict[str, Any]:
+    """QAT hyperparameters: searched when the space names them, else the given defaults."""
+    if space.lr is not None:
+        lr = trial.suggest_float("qat/lr", space.lr[0], space.lr[1], log=True)
+    if space.qat_steps is not None:
+        steps = (
+            space.qat_steps[0]
+            if len(space.qat_steps) == 1
+            else trial.suggest_categorical("qat/steps", list(space.qat_steps))
+        )
+    return {"lr": lr, "steps": int(steps)}
+
+
+def baseline_params(
+    space: SearchSpace, layer_names: Sequence[str], w_bits: int, a_bits: int
+) -> dict[str, Any] | None:
+    """Trial parameters for a uniform ``w{w_bits}a{a_bits}`` per-channel baseline.
+
+    Knobs other than bits take per-channel weights where allowed, else their first
+    choice. Returns None when the space cannot express the baseline (a bit width missing
+    from a layer's choices is skipped only where overrides fix that layer).
+    """
+    params: dict[str, Any] = {}
+    wanted = {"w_bits": w_bits, "a_bits": a_bits, "w_gran": "per_channel"}
+    for layer in space.select(layer_names):
+        prefix = space.group_of(layer)
+        for knob, choices in space.knob_choices(layer).items():
+            if len(choices) == 1:
+                continue
+            value = wanted.get(knob, choices[0])
+            if value not in choices:
+                if knob in ("w_bits", "a_bits"):
+                    return None
+                value = choices[0]
+            params[f"{prefix}/{knob}"] = value
+    if space.qat_steps is not None and len(space.qat_steps) > 1:
+        params["qat/steps"] = space.qat_steps[0]
+    return params
