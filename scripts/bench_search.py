@@ -65,7 +65,7 @@ def main() -> None:
     for n in range(10, args.trials + 1, 10):
         print(f"{n:>6}  " + "  ".join(f"{r[0][n - 1]:8.4f}" for r in results.values()))
     print("\nmedian trial time breakdown (s): calibrate / qat / eval / measure / total")
-    for s, (_, timing, wall, baseline) in results.items():
+    for s, (_, timing, wall, _) in results.items():
         med = np.median(timing, axis=0)
         print(f"{s:>8}: " + " / ".join(f"{v:.2f}" for v in med) + f"   wall {wall:.0f} s")
     b = next(iter(results.values()))[3]

@@ -1,1 +1,96 @@
-"""autoquant.measure."""
+"""Deploy a plan on real integer kernels: QDQ ONNX export, x86 int8 lowering, measured latency.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from autoquant.measure import LatencyCache, measure_latency
+    >>> from autoquant.transform import apply_plan, calibration
+    >>> from autoquant.types import QuantPlan, QuantSpec
+    >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 14 * 14, 10))
+    >>> plan = QuantPlan.uniform(["0", "3"], QuantSpec(bits=8), QuantSpec(bits=8))
+    >>> q = apply_plan(net.eval(), plan)
+    >>> with calibration(q):
+    ...     _ = q(torch.randn(8, 3, 16, 16))
+    >>> cache = LatencyCache()
+    >>> r = measure_latency(q, plan, torch.randn(1, 3, 16, 16), repeats=5, cache=cache)
+    >>> r.median_ms > 0, measure_latency(q, plan, torch.randn(1, 3, 16, 16), cache=cache).cached
+    (True, True)
+"""
+
+from __future__ import annotations
+
+from autoquant.measure._cache import JsonFileStore, KeyValueStore, LatencyCache, MemoryStore
+from autoquant.measure._deploy import (
+    LayerFormat,
+    TensorFormat,
+    architecture_hash,
+    describe_layer,
+    float_clone,
+    graph_signature,
+    layer_formats,
+    tensor_format,
+)
+from autoquant.measure._latency import (
+    BACKENDS,
+    LatencyBackend,
+    LatencyResult,
+    OnnxRuntimeBackend,
+    TorchX86Backend,
+    get_backend,
+    latency_key,
+    measure_float_latency,
+    measure_latencies,
+    measure_latency,
+    register_backend,
+)
+from autoquant.measure._onnx import (
+    SIZE_ROLES,
+    ExportInfo,
+    artifact_size_rows,
+    artifact_weight_bytes,
+    export_onnx,
+    fused_op_types,
+    load_onnx,
+    ort_session,
+)
+from autoquant.measure._pack import SIDECAR_NAME, pack_bits, read_sidecar, unpack_bits
+from autoquant.measure._torch_x86 import lower_to_torch_x86
+
+__all__ = [
+    "BACKENDS",
+    "SIDECAR_NAME",
+    "SIZE_ROLES",
+    "ExportInfo",
+    "JsonFileStore",
+    "KeyValueStore",
+    "LatencyBackend",
+    "LatencyCache",
+    "LatencyResult",
+    "LayerFormat",
+    "MemoryStore",
+    "OnnxRuntimeBackend",
+    "TensorFormat",
+    "TorchX86Backend",
+    "architecture_hash",
+    "artifact_size_rows",
+    "artifact_weight_bytes",
+    "describe_layer",
+    "export_onnx",
+    "float_clone",
+    "fused_op_types",
+    "get_backend",
+    "graph_signature",
+    "latency_key",
+    "layer_formats",
+    "load_onnx",
+    "lower_to_torch_x86",
+    "measure_float_latency",
+    "measure_latencies",
+    "measure_latency",
+    "ort_session",
+    "pack_bits",
+    "read_sidecar",
+    "register_backend",
+    "tensor_format",
+    "unpack_bits",
+]

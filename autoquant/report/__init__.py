@@ -1,1 +1,62 @@
-"""autoquant.report."""
+"""Reports: tables, plots, HTML/Markdown report and recommendations.
+
+Example:
+    >>> from autoquant.report import write_report, best_trial
+    >>> paths = write_report(study, "out/", study_ref="studies/digits.toml")  # doctest: +SKIP
+    >>> best_trial(study, max_drop=0.01, minimize="size").number  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from autoquant.report._info import machine_info, study_facts
+from autoquant.report._plots import (
+    FIGURES,
+    bitmap_figure,
+    hypervolume_figure,
+    pareto_figures,
+    report_figures,
+)
+from autoquant.report._report import write_report
+from autoquant.report._select import (
+    best_payload,
+    best_trial,
+    export_command,
+    format_best,
+    most_accurate_within_size,
+    plan_frame,
+    recommendations,
+)
+from autoquant.report._tables import (
+    FORMATS,
+    failed_frame,
+    format_frame,
+    format_table,
+    front_frame,
+    sensitivity_frame,
+    trials_frame,
+)
+
+__all__ = [
+    "FIGURES",
+    "FORMATS",
+    "best_payload",
+    "best_trial",
+    "bitmap_figure",
+    "export_command",
+    "failed_frame",
+    "format_best",
+    "format_frame",
+    "format_table",
+    "front_frame",
+    "hypervolume_figure",
+    "machine_info",
+    "most_accurate_within_size",
+    "pareto_figures",
+    "plan_frame",
+    "recommendations",
+    "report_figures",
+    "sensitivity_frame",
+    "study_facts",
+    "trials_frame",
+    "write_report",
+]

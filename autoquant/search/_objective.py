@@ -189,7 +189,9 @@ def _subsample(values: list[float], n: int) -> list[float]:
 def objective_values(values: dict[str, float], objectives: tuple[str, ...]) -> list[float]:
     out = [values[o] for o in objectives]
     if not all(math.isfinite(v) for v in out):
-        raise FloatingPointError(f"non-finite objective values {dict(zip(objectives, out))}")
+        raise FloatingPointError(
+            f"non-finite objective values {dict(zip(objectives, out, strict=True))}"
+        )
     return out
 
 

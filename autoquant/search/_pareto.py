@@ -47,7 +47,7 @@ def pareto_front(study: optuna.Study, max_drop: float | None = None) -> list[Fro
         return []
     signs = _signs(study.directions)
     pts = np.array([t.values for t in trials], dtype=float) * signs
-    front = [t for t, k in zip(trials, nondominated(pts)) if k]
+    front = [t for t, k in zip(trials, nondominated(pts), strict=True) if k]
     return sorted(front, key=lambda t: (signs[0] * t.values[0], t.number))
 
 

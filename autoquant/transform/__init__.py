@@ -1,1 +1,60 @@
-"""autoquant.transform."""
+"""Apply a :class:`~autoquant.types.QuantPlan` to a real model.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from autoquant.transform import apply_plan, calibration, quantizable_layers
+    >>> from autoquant.types import QuantPlan, QuantSpec
+    >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    >>> names = [i.name for i in quantizable_layers(net, torch.zeros(1, 1, 8, 8))]
+    >>> q = apply_plan(net, QuantPlan.uniform(names, QuantSpec(bits=8), QuantSpec(bits=8)))
+    >>> with calibration(q):
+    ...     _ = q(torch.randn(4, 1, 8, 8))
+    >>> q(torch.randn(2, 1, 8, 8)).shape
+    torch.Size([2, 4, 6, 6])
+"""
+
+from __future__ import annotations
+
+from autoquant.transform._apply import (
+    LayerInfo,
+    apply_plan,
+    calibration,
+    check_plan,
+    quantizable_layers,
+    quantizable_names,
+    quantized_layers,
+)
+from autoquant.transform._fold import conv_bn_pairs, fold_batchnorm, fold_batchnorm_
+from autoquant.transform._registry import (
+    QConv1d,
+    QConv2d,
+    QLinear,
+    QuantizedLayer,
+    quantizable_types,
+    register_quantizable,
+)
+from autoquant.transform._size import SizeRow, float_size_bytes, packed_size_bytes, size_breakdown
+
+__all__ = [
+    "LayerInfo",
+    "QConv1d",
+    "QConv2d",
+    "QLinear",
+    "QuantizedLayer",
+    "SizeRow",
+    "apply_plan",
+    "calibration",
+    "check_plan",
+    "conv_bn_pairs",
+    "float_size_bytes",
+    "fold_batchnorm",
+    "fold_batchnorm_",
+    "packed_size_bytes",
+    "quantizable_layers",
+    "quantizable_names",
+    "quantizable_types",
+    "quantized_layers",
+    "register_quantizable",
+    "size_breakdown",
+]

@@ -66,7 +66,7 @@ def test_digits_search_front_baselines_replay_and_resume(spec) -> None:
         others = [o for o in complete if o.user_attrs["accuracy_drop"] <= spec.max_accuracy_drop]
         assert not any(
             o.values[0] >= t.values[0]
-            and all(a <= b for a, b in zip(o.values[1:], t.values[1:]))
+            and all(a <= b for a, b in zip(o.values[1:], t.values[1:], strict=True))
             and o.values != t.values
             for o in others
         ), f"front trial {t.number} is dominated"
