@@ -40,6 +40,26 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from autoquant.search import load_study_spec, run_search
+    from autoquant.search._spec import mask_password
+
+    spec = load_study_spec(args.study)
+    if args.device:
+        spec = replace(spec, device=args.device)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    print(f"worker joins study {spec.name!r} at {mask_password(args.storage)}")
+    study = run_search(spec, trials=args.trials, storage=args.storage, progress=not args.quiet)
+    done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+    print(f"worker done: the study has {done} complete trials")
+    return 0
+
+
 def cmd_front(args: argparse.Namespace) -> int:
     from autoquant.report import failed_frame, format_frame, front_frame
 
@@ -116,6 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch threads for QAT")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("worker", help="join a shared study (any number of workers, any machine)")
+    p.add_argument("study", help="the study file (studies/*.toml)")
+    p.add_argument("--storage", required=True,
+                   help="the shared Optuna storage, e.g. postgresql://user:password@host/db")
+    p.add_argument("--trials", type=int, help="complete trials wanted (default: the file's)")
+    p.add_argument("--device", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, help="torch threads for QAT in this worker")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_worker)
 
     p = study_cmd("front", "print the Pareto front")
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
