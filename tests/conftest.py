@@ -1,7 +1,13 @@
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+# Spinning OpenMP threads make torch 10x slower when pytest shares 2 cores with other
+# processes (worker subprocesses, ONNX Runtime); must be set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 def _devices() -> list[str]:

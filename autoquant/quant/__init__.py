@@ -22,7 +22,13 @@ from autoquant.quant._observers import (
     PercentileObserver,
     make_observer,
 )
-from autoquant.quant._qparams import EPS, dequantize, qparams_from_qrange, qparams_from_range, quantize
+from autoquant.quant._qparams import (
+    EPS,
+    dequantize,
+    qparams_from_qrange,
+    qparams_from_range,
+    quantize,
+)
 
 __all__ = [
     "EPS",

@@ -1,0 +1,471 @@
+"""What a plan becomes on a real backend: per-layer integer tensors, formats and signatures.
+
+Both backends lower the same description: for every quantized layer the integer weight codes
+(exactly those the fake-quant model uses), the input quantizer, and the *kernel format*: the
+storage type each tensor runs in. Formats a backend cannot run natively are mapped to the
+nearest one it can, and the mapping is recorded, never hidden:
+
+* weights of 2..8 bits run as int8 (symmetric) or uint8 (asymmetric) codes; the values stay on
+  their own grid, the shipped size is counted packed;
+* input activations of 2..8 bits run as int8 (symmetric, zero-point 0) or uint8 (asymmetric);
+  below 8 bits the input is first clamped to its own narrower grid (``+clip``), so the
+  deployed values equal the simulated ones;
+* per-channel activations have no integer kernel: the layer runs float with the quantization
+  simulated (quantize-dequantize), and so do layers with a float weight or a float input;
+* fp16 tensors run as float32 after a round trip through float16 (CPU backends have no fp16
+  convolution).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from autoquant.quant import FakeQuantize, quantize
+from autoquant.transform import QuantizedLayer, fold_batchnorm, quantized_layers
+from autoquant.types import LayerPlan, PlanError, QuantPlan, QuantSpec
+
+_STORAGE_MIN = {"int8": -128, "uint8": 0}
+_STORAGE_MAX = {"int8": 127, "uint8": 255}
+
+
+# ---------------------------------------------------------------------------------------
+# Kernel formats (depend only on the plan): the unit of the latency signature
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorFormat:
+    """How one tensor is stored at run time.
+
+    ``storage`` is ``int8``/``uint8`` (integer codes), ``fp16`` (a float16 round trip, run
+    in float32) or ``fp32``. ``clip`` marks an activation grid narrower than its storage
+    type (bits < 8), clamped before quantizing.
+    """
+
+    storage: str
+    per_channel: bool = False
+    clip: bool = False
+
+    @property
+    def is_int(self) -> bool:
+        return self.storage in _STORAGE_MIN
+
+    def key(self) -> str:
+        return self.storage + ("/c" if self.per_channel else "") + ("+clip" if self.clip else "")
+
+
+def tensor_format(spec: QuantSpec, *, activation: bool) -> TensorFormat:
+    """The run-time format of a tensor quantized per ``spec``.
+
+    Example:
+        >>> tensor_format(QuantSpec(bits=6, symmetric=False), activation=True).key()
+        'uint8+clip'
+        >>> tensor_format(QuantSpec(bits=4, granularity="per_channel"), activation=False).key()
+        'int8/c'
+    """
+    if spec.is_float:
+        return TensorFormat(str(spec.bits))
+    storage = "int8" if spec.symmetric else "uint8"
+    # A weight's codes are stored exactly, whatever its bit width; an activation is quantized
+    # at run time by an 8-bit quantizer, so a narrower grid needs an explicit clamp first.
+    clip = activation and int(spec.bits) < 8
+    return TensorFormat(storage, spec.per_channel, clip)
+
+
+@dataclass(frozen=True)
+class LayerFormat:
+    """The kernel format of one layer: weight and input storage, and whether it runs an
+    integer kernel (integer weight and per-tensor integer input)."""
+
+    weight: TensorFormat
+    activation: TensorFormat
+
+    @classmethod
+    def of(cls, lp: LayerPlan) -> LayerFormat:
+        return cls(
+            tensor_format(lp.weight, activation=False),
+            tensor_format(lp.activation, activation=True),
+        )
+
+    @property
+    def int_kernel(self) -> bool:
+        return self.weight.is_int and self.activation.is_int and not self.activation.per_channel
+
+    @property
+    def is_float(self) -> bool:
+        return self.weight.storage == "fp32" and self.activation.storage == "fp32"
+
+    def key(self) -> str:
+        return f"w:{self.weight.key()},a:{self.activation.key()}"
+
+
+def _act_storage(storage: str, backend: str) -> str:
+    # x86 quantized kernels take quint8 inputs only: a symmetric int8 grid is shifted by 128.
+    if backend == "torch-x86" and storage == "int8":
+        return "quint8 (zero-point +128)"
+    if backend == "torch-x86" and storage == "uint8":
+        return "quint8"
+    return storage
+
+
+def describe_layer(lp: LayerPlan, backend: str, output: str | None = None) -> str:
+    """Human-readable record of how a layer runs, e.g.
+    ``"w4c→int8, a6a→uint8+clip[0,63], int8 kernel, out→uint8 (calibrated)"``."""
+    fmt = LayerFormat.of(lp)
+    parts = []
+    w, a = lp.weight, lp.activation
+    if w.is_float:
+        parts.append("w fp16→fp32 (fp16 values)" if w.bits == "fp16" else "w fp32")
+    else:
+        storage = fmt.weight.storage
+        if backend == "torch-x86":  # x86 weights are qint8; uint8 codes shift by -128
+            storage = "qint8" if storage == "int8" else "qint8 (zero-point -128)"
+        parts.append(
+            f"w{w.short()}→{storage}"
+            + (" (sub-8-bit grid, packed on disk)" if int(w.bits) < 8 else "")
+        )
+    if a.is_float:
+        parts.append("a fp16→fp32 (fp16 round trip)" if a.bits == "fp16" else "a fp32")
+    elif a.per_channel:
+        parts.append(f"a{a.short()}→simulated quantize-dequantize (no per-channel int kernel)")
+    else:
+        lo, hi = a.qrange
+        parts.append(
+            f"a{a.short()}→{_act_storage(fmt.activation.storage, backend)}"
+            + (f"+clip[{lo},{hi}]" if fmt.activation.clip else "")
+        )
+    if fmt.int_kernel:
+        parts.append("int8 kernel")
+    elif fmt.weight.is_int:
+        parts.append(
+            "float kernel (weight dequantized at run time)"
+            if backend == "onnxruntime"
+            else "float kernel (dequantized weight)"
+        )
+    else:
+        parts.append("float kernel")
+    if output:
+        parts.append(f"out→{output}")
+    return ", ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------
+# Signature of the deployed graph
+# ---------------------------------------------------------------------------------------
+
+
+def _float_type(module: nn.Module) -> type[nn.Module]:
+    return module.float_type if isinstance(module, QuantizedLayer) else type(module)
+
+
+def architecture_hash(model: nn.Module) -> str:
+    """Hash of the model's module structure (FQNs, float types, shapes), not its values.
+
+    Fake-quant wrappers count as their float module and their quantizers are skipped, so a
+    float model (BN-folded) and any fake-quant version of it hash the same.
+
+    Example:
+        >>> a = architecture_hash(nn.Sequential(nn.Linear(4, 2)))
+        >>> a == architecture_hash(nn.Sequential(nn.Linear(4, 2))) != architecture_hash(
+        ...     nn.Sequential(nn.Linear(4, 3)))
+        True
+    """
+    rows = []
+    skip: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, FakeQuantize) or any(name.startswith(p) for p in skip):
+            skip.append(name + ".")
+            continue
+        ftype = _float_type(module)
+        rows.append([name, f"{ftype.__module__}.{ftype.__qualname__}", ftype.extra_repr(module)])
+    text = json.dumps(rows, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def layer_formats(model: nn.Module, plan: QuantPlan | None) -> dict[str, LayerFormat]:
+    """Kernel format of every non-float layer of ``plan`` (plan order)."""
+    if plan is None:
+        return {}
+    out = {}
+    for name, lp in plan.layers.items():
+        fmt = LayerFormat.of(lp)
+        if not fmt.is_float:
+            out[name] = fmt
+    return out
+
+
+def graph_signature(model: nn.Module, plan: QuantPlan | None) -> str:
+    """Signature of the graph ``plan`` deploys for ``model``: equal signatures run the same
+    kernels, so they share one latency measurement.
+
+    It covers the architecture (:func:`architecture_hash`) and each layer's kernel format
+    (int8 vs float, per-tensor vs per-channel weight, int8 vs uint8 input, clamp for sub-8-bit
+    inputs). Calibration method, LSQ and weight bit widths below 8 do not change the kernel and
+    are not part of it. Backend, batch size and threads are added by the cache key.
+
+    Example:
+        >>> from autoquant.types import QuantSpec
+        >>> net = nn.Sequential(nn.Linear(4, 2))
+        >>> w4 = QuantPlan.uniform(["0"], QuantSpec(bits=4), QuantSpec(bits=8))
+        >>> w8 = QuantPlan.uniform(["0"], QuantSpec(bits=8), QuantSpec(bits=8))
+        >>> graph_signature(net, w4) == graph_signature(net, w8) != graph_signature(net, None)
+        True
+    """
+    formats = layer_formats(model, plan)
+    payload = {
+        "arch": architecture_hash(model),
+        "layers": {n: f.key() for n, f in sorted(formats.items())},
+    }
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+# ---------------------------------------------------------------------------------------
+# Integer tensors of a calibrated fake-quant model
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IntQ:
+    """Integer quantization parameters of one tensor as deployed."""
+
+    scale: np.ndarray  # float32, shape [] or [C]
+    zero_point: np.ndarray  # int64, same shape
+    qmin: int
+    qmax: int
+    axis: int | None
+    storage: str  # "int8" or "uint8"
+
+    @property
+    def clip(self) -> bool:
+        """The grid is narrower than the storage type and needs a clamp (beyond the lone
+        ``-128`` code a narrow symmetric 8-bit grid excludes)."""
+        return self.qmax - self.qmin < 254
+
+    def clip_range(self) -> tuple[float, float]:
+        """Float bounds of the grid (per-tensor only)."""
+        s, z = float(self.scale), int(self.zero_point)
+        return s * (self.qmin - z), s * (self.qmax - z)
+
+    def zero_point_array(self) -> np.ndarray:
+        return self.zero_point.astype(self.storage)
+
+
+def _intq(fq: FakeQuantize, storage: str, name: str) -> IntQ:
+    if not fq.calibrated:
+        raise PlanError(
+            f"layer {name!r} is not calibrated; run its batches inside "
+            "`with autoquant.transform.calibration(model):` before deploying"
+        )
+    scale = np.asarray(fq.scale.detach().float().cpu().numpy(), dtype=np.float32)
+    zp = np.asarray(fq.zero_point.detach().cpu().numpy().round(), dtype=np.int64)
+    return IntQ(scale, zp, int(fq.qmin), int(fq.qmax), fq.axis, storage)
+
+
+@dataclass
+class DeployedLayer:
+    """One quantized layer, ready to lower: integer codes and qparams, float leftovers."""
+
+    name: str
+    plan: LayerPlan
+    format: LayerFormat
+    float_module: nn.Module  # float clone sharing the folded weight and bias
+    weight_q: IntQ | None  # integer weight qparams (None for float weights)
+    weight_codes: np.ndarray | None  # integer codes in the storage dtype
+    weight_value: Tensor  # what the simulation multiplies with (dequantized / fp16-rounded)
+    act_q: IntQ | None  # integer input qparams (None for float inputs)
+    act_fq: FakeQuantize  # the simulated input quantizer (for float-kernel fallbacks)
+
+
+def float_clone(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with every fake-quant wrapper back to its float module (same
+    folded weight and bias, no quantizers); BatchNorm left in the model is folded."""
+    out = copy.deepcopy(model)
+    for name, layer in quantized_layers(out).items():
+        f = copy.copy(layer)
+        f._parameters = dict(layer._parameters)
+        f._buffers = dict(layer._buffers)
+        f._modules = {k: m for k, m in layer._modules.items() if not isinstance(m, FakeQuantize)}
+        f.__dict__.pop("layer_plan", None)
+        f.__class__ = layer.float_type
+        parent, _, child = name.rpartition(".")
+        setattr(out.get_submodule(parent) if parent else out, child, f)
+    return fold_batchnorm(out).eval()
+
+
+def deployed_layers(model: nn.Module, plan: QuantPlan) -> dict[str, DeployedLayer]:
+    """Integer weights and qparams of every non-float plan layer of a calibrated
+    :func:`~autoquant.transform.apply_plan` model.
+
+    Raises:
+        PlanError: a plan layer is not a fake-quant wrapper in ``model`` or is not calibrated.
+    """
+    wrappers = quantized_layers(model)
+    floats = dict(float_clone(model).named_modules())
+    out: dict[str, DeployedLayer] = {}
+    for name, lp in plan.layers.items():
+        fmt = LayerFormat.of(lp)
+        if fmt.is_float:
+            continue
+        layer = wrappers.get(name)
+        if layer is None:
+            raise PlanError(
+                f"plan layer {name!r} is not a fake-quant layer of the model; pass "
+                "the calibrated result of autoquant.transform.apply_plan(model, "
+                f"plan) (quantized layers: {sorted(wrappers)})"
+            )
+        if layer.layer_plan != lp:
+            raise PlanError(
+                f"layer {name!r} was built for {layer.layer_plan.short()}, the plan "
+                f"says {lp.short()}; apply this plan to the float model"
+            )
+        weight = layer.weight.detach().float()
+        weight_q = codes = None
+        with torch.no_grad():
+            value = layer.weight_fq(layer.weight).detach().float()
+        if fmt.weight.is_int:
+            weight_q = _intq(layer.weight_fq, fmt.weight.storage, name)
+            axis = weight_q.axis
+            codes_t = quantize(
+                weight,
+                torch.from_numpy(weight_q.scale),
+                torch.from_numpy(weight_q.zero_point).float(),
+                weight_q.qmin,
+                weight_q.qmax,
+                axis,
+            )
+            codes = codes_t.numpy().astype(fmt.weight.storage)
+        act_q = None
+        if fmt.activation.is_int:
+            act_q = _intq(layer.act_fq, fmt.activation.storage, name)
+        out[name] = DeployedLayer(
+            name, lp, fmt, floats[name], weight_q, codes, value, act_q, copy.deepcopy(layer.act_fq)
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Output ranges for requantization
+# ---------------------------------------------------------------------------------------
+
+
+def output_ranges(
+    model: nn.Module, names: Iterable[str], inputs: Iterable[Tensor]
+) -> dict[str, tuple[float, float]]:
+    """Min and max of each named layer's output over ``inputs`` (fake-quant forward)."""
+    names = list(names)
+    ranges: dict[str, list[float]] = {n: [float("inf"), float("-inf")] for n in names}
+
+    def hook_for(name: str) -> Any:
+        def hook(module: nn.Module, args: Any, output: Tensor) -> None:
+            r = ranges[name]
+            r[0] = min(r[0], float(output.min()))
+            r[1] = max(r[1], float(output.max()))
+
+        return hook
+
+    modules = dict(model.named_modules())
+    handles = [modules[n].register_forward_hook(hook_for(n)) for n in names]
+    training = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            for x in inputs:
+                model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, t in training.items():
+            m.training = t
+    return {n: (r[0], r[1]) for n, r in ranges.items()}
+
+
+def uint8_qparams(lo: float, hi: float) -> IntQ:
+    """8-bit asymmetric qparams for ``[lo, hi]`` (extended to include 0), as the contract's
+    formula gives them."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if not np.isfinite(lo) or not np.isfinite(hi):
+        lo, hi = 0.0, 1.0  # a layer the inputs never reached: any valid grid
+    scale = max((hi - lo) / 255.0, float(np.finfo(np.float32).eps))
+    zp = int(np.clip(round(255 - hi / scale), 0, 255))
+    return IntQ(
+        np.array(scale, dtype=np.float32), np.array(zp, dtype=np.int64), 0, 255, None, "uint8"
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Where each integer layer's output goes
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Requant:
+    """How an integer layer's output is quantized (integer kernels produce integer outputs).
+
+    ``mode`` is ``exact`` (the output reaches exactly one quantized layer through ops that
+    commute with quantization, so it is quantized straight onto that layer's input grid: no
+    extra rounding), ``calibrated`` (an 8-bit grid from the output range observed on the
+    calibration inputs: an extra, small rounding step the simulation does not have) or
+    ``float`` (no output quantization). ``after`` is the node the quantizer follows (the layer
+    itself, or a ReLU right after it for a calibrated ``[0, max]`` grid).
+    """
+
+    mode: str
+    q: IntQ | None = None
+    consumer: str | None = None
+    after_relu: bool = False
+
+    def describe(self, backend: str) -> str:
+        if self.mode == "exact":
+            return f"{_act_storage(self.q.storage, backend)} on {self.consumer}'s input grid"
+        if self.mode == "calibrated":
+            return f"{_act_storage('uint8', backend)} (calibrated range)"
+        return "float"
+
+
+def plan_requant(
+    layers: Mapping[str, DeployedLayer],
+    chains: Mapping[str, tuple[str | None, bool]],
+    ranges: Mapping[str, tuple[float, float]],
+    *,
+    float_output_ok: set[str],
+) -> dict[str, Requant]:
+    """Choose each integer layer's output quantization.
+
+    Args:
+        layers: the deployed layers.
+        chains: per integer layer ``(consumer, starts_with_relu)``: ``consumer`` is the one
+            layer its output reaches through quantization-commuting ops, or None.
+        ranges: observed output ranges (min, max) of each integer layer.
+        float_output_ok: layers whose integer kernel may have a float output (ONNX Runtime's
+            QGemm / MatMulIntegerToFloat): they get no calibrated requantization.
+    """
+    out: dict[str, Requant] = {}
+    for name, layer in layers.items():
+        if not layer.format.int_kernel:
+            continue
+        consumer, relu = chains.get(name, (None, False))
+        target = layers.get(consumer) if consumer else None
+        if target is not None and target.act_q is not None and target.act_q.axis is None:
+            out[name] = Requant("exact", target.act_q, consumer)
+        elif name in float_output_ok:
+            out[name] = Requant("float")
+        else:
+            lo, hi = ranges.get(name, (0.0, 1.0))
+            if relu:
+                lo = 0.0
+            out[name] = Requant("calibrated", uint8_qparams(lo, hi), after_relu=relu)
+    return out
+
+
+def storage_range(storage: str) -> tuple[int, int]:
+    return _STORAGE_MIN[storage], _STORAGE_MAX[storage]

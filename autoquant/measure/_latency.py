@@ -1,0 +1,479 @@
+"""Measured latency of the deployed model on a real integer backend, cached by graph signature."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import platform
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from functools import lru_cache
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from autoquant.measure._cache import LatencyCache
+from autoquant.measure._deploy import graph_signature
+from autoquant.measure._timing import check_protocol, time_calls, torch_threads
+from autoquant.transform import fold_batchnorm
+from autoquant.types import QuantPlan
+
+
+@dataclass(frozen=True)
+class LatencyResult:
+    """One latency measurement (or a cached copy of one).
+
+    Attributes:
+        median_ms: median per-call latency in milliseconds.
+        iqr_ms: interquartile range of the per-call samples (ms).
+        backend: ``"onnxruntime"`` or ``"torch-x86"``.
+        threads: intra-op threads used.
+        batch_size: batch size of the timed input.
+        n: number of timed samples (each the mean of ``inner`` calls).
+        formats: per quantized layer, the format it actually ran in (see
+            :func:`autoquant.measure.describe_layer`): sub-8-bit tensors mapped to int8/uint8,
+            fp16 run as fp32, layers without an integer kernel, ...
+        cached: the value came from the cache (no run this time).
+        measure_s: seconds this call took (export, session set-up and timing; or the lookup).
+        signature: :func:`graph_signature` of the deployed graph.
+        key: the cache key (signature, backend, batch size, threads, input shape, versions).
+        kernels: what ran, e.g. ``{"QLinearConv": 19, "QGemm": 1}`` (ONNX Runtime's fused ops)
+            or ``{"int8:Conv2d": 19}`` (torch-x86).
+        inner: calls per timed sample (fast calls are grouped to beat timer overhead).
+    """
+
+    median_ms: float
+    iqr_ms: float
+    backend: str
+    threads: int
+    batch_size: int
+    n: int
+    formats: dict[str, str] = field(default_factory=dict)
+    cached: bool = False
+    measure_s: float = 0.0
+    signature: str = ""
+    key: str = ""
+    kernels: dict[str, int] = field(default_factory=dict)
+    inner: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LatencyResult:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# ---------------------------------------------------------------------------------------
+# Backends
+# ---------------------------------------------------------------------------------------
+
+
+class Deployed(Protocol):
+    """A model deployed on a backend, ready to time."""
+
+    formats: dict[str, str]
+    kernels: dict[str, int]
+
+    def runner(self, x: Tensor) -> Callable[[], object]:
+        """A zero-argument call that runs one inference on ``x`` (input prepared up front)."""
+        ...
+
+    def run(self, x: Tensor) -> Tensor:
+        """Outputs for ``x`` as a float tensor (first output)."""
+        ...
+
+
+class LatencyBackend(Protocol):
+    """Deploys a calibrated fake-quant model on real kernels."""
+
+    name: str
+
+    def deploy(
+        self,
+        model: nn.Module,
+        plan: QuantPlan | None,
+        example_input: Tensor,
+        *,
+        threads: int,
+        calib_inputs: Iterable[Tensor] | None = None,
+    ) -> Deployed: ...
+
+    def threads_context(self, threads: int) -> Any:
+        """Context manager entered around timing (e.g. torch's thread count)."""
+        ...
+
+    def version(self) -> str: ...
+
+
+class _OrtDeployed:
+    def __init__(self, session: Any, formats: dict[str, str], kernels: dict[str, int]) -> None:
+        self.session = session
+        self.formats = formats
+        self.kernels = kernels
+        self.input_name = session.get_inputs()[0].name
+
+    def runner(self, x: Tensor) -> Callable[[], object]:
+        feed = {self.input_name: np.ascontiguousarray(x.detach().float().numpy())}
+        session = self.session
+        return lambda: session.run(None, feed)
+
+    def run(self, x: Tensor) -> Tensor:
+        feed = {self.input_name: x.detach().float().numpy()}
+        return torch.from_numpy(self.session.run(None, feed)[0])
+
+
+class OnnxRuntimeBackend:
+    """ONNX Runtime (CPU): the QDQ export of :func:`export_onnx`, fused into integer kernels."""
+
+    name = "onnxruntime"
+
+    def deploy(
+        self,
+        model: nn.Module,
+        plan: QuantPlan | None,
+        example_input: Tensor,
+        *,
+        threads: int,
+        calib_inputs: Iterable[Tensor] | None = None,
+    ) -> Deployed:
+        import tempfile
+        from pathlib import Path
+
+        import onnx
+
+        from autoquant.measure._onnx import build_qdq, ort_session
+
+        qdq = build_qdq(model, plan, example_input, calib_inputs)
+        with tempfile.TemporaryDirectory() as tmp:
+            optimized = Path(tmp) / "optimized.onnx"
+            session = ort_session(qdq.proto, threads, optimized)
+            ops = [n.op_type for n in onnx.load(str(optimized)).graph.node]
+        kernels = {op: ops.count(op) for op in sorted(set(ops)) if op in _KERNEL_OPS}
+        return _OrtDeployed(session, qdq.formats, kernels)
+
+    def threads_context(self, threads: int) -> Any:
+        return contextlib.nullcontext()  # threads are a session option
+
+    def version(self) -> str:
+        import onnxruntime
+
+        return f"onnxruntime-{onnxruntime.__version__}"
+
+
+# Ops that do a layer's arithmetic: the integer fused ones and their float fallbacks.
+_KERNEL_OPS = frozenset(
+    {
+        "QLinearConv",
+        "QLinearMatMul",
+        "QGemm",
+        "MatMulInteger",
+        "MatMulIntegerToFloat",
+        "ConvInteger",
+        "DynamicQuantizeMatMul",
+        "Conv",
+        "FusedConv",
+        "Gemm",
+        "FusedGemm",
+        "MatMul",
+        "FusedMatMul",
+        "NhwcFusedConv",
+    }
+)
+
+
+class _TorchDeployed:
+    def __init__(self, module: nn.Module, formats: dict[str, str], kernels: dict[str, int]) -> None:
+        self.module = module
+        self.formats = formats
+        self.kernels = kernels
+
+    def runner(self, x: Tensor) -> Callable[[], object]:
+        module = self.module
+        return lambda: module(x)  # timed inside threads_context (inference mode)
+
+    def run(self, x: Tensor) -> Tensor:
+        with torch.inference_mode():
+            return self.module(x).float()
+
+
+class TorchX86Backend:
+    """PyTorch's x86 int8 engine (``torch.ao.nn.quantized`` Conv/Linear, quint8 inputs)."""
+
+    name = "torch-x86"
+
+    def deploy(
+        self,
+        model: nn.Module,
+        plan: QuantPlan | None,
+        example_input: Tensor,
+        *,
+        threads: int,
+        calib_inputs: Iterable[Tensor] | None = None,
+    ) -> Deployed:
+        from autoquant.measure._deploy import float_clone
+        from autoquant.measure._torch_x86 import kernel_counts, lower_to_torch_x86
+
+        if plan is None or not plan.layers:
+            module = float_clone(model)
+            counts: dict[str, int] = {}
+            for m in module.modules():
+                if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+                    key = "float:" + type(m).__name__
+                    counts[key] = counts.get(key, 0) + 1
+            return _TorchDeployed(module, {}, counts)
+        module, formats = lower_to_torch_x86(model, plan, example_input, calib_inputs=calib_inputs)
+        return _TorchDeployed(module, formats, kernel_counts(module))
+
+    @contextlib.contextmanager
+    def threads_context(self, threads: int) -> Iterator[None]:
+        with torch_threads(threads), torch.inference_mode():
+            yield
+
+    def version(self) -> str:
+        return f"torch-{torch.__version__}-{torch.backends.quantized.engine}"
+
+
+BACKENDS: dict[str, LatencyBackend] = {
+    "onnxruntime": OnnxRuntimeBackend(),
+    "torch-x86": TorchX86Backend(),
+}
+
+
+def register_backend(backend: LatencyBackend) -> None:
+    """Make a backend available to :func:`measure_latency` by its ``name``."""
+    BACKENDS[backend.name] = backend
+
+
+def get_backend(name: str) -> LatencyBackend:
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise ValueError(
+            f"backend={name!r} is not allowed; allowed values: "
+            f"{', '.join(repr(b) for b in BACKENDS)}"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------
+# Cache key and the measurement itself
+# ---------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def hardware_id() -> str:
+    """CPU model and core count: latencies are only comparable on the same hardware."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    import os
+
+    return f"{model} x{os.cpu_count()}"
+
+
+def latency_key(
+    signature: str, backend: str, batch_size: int, threads: int, input_shape: Sequence[int]
+) -> str:
+    """Cache key of one measurement: the graph signature plus everything else that sets the
+    time (backend and its version, batch size, threads, per-sample input shape, hardware)."""
+    payload = {
+        "sig": signature,
+        "backend": backend,
+        "version": get_backend(backend).version(),
+        "batch": batch_size,
+        "threads": threads,
+        "shape": list(input_shape),
+        "hw": hardware_id(),
+    }
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return f"{backend}:b{batch_size}:t{threads}:" + hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _batch(x: Tensor, batch_size: int) -> Tensor:
+    if x.shape[0] == batch_size:
+        return x
+    idx = torch.arange(batch_size) % x.shape[0]  # cycle the real rows
+    return x[idx].contiguous()
+
+
+def measure_latencies(
+    model: nn.Module,
+    plan: QuantPlan | None,
+    example_input: Tensor,
+    batch_sizes: Sequence[int] | None = None,
+    *,
+    backend: str = "onnxruntime",
+    threads: int = 1,
+    warmup: int = 10,
+    repeats: int = 50,
+    budget_s: float = 2.0,
+    cache: LatencyCache | None = None,
+    calib_inputs: Iterable[Tensor] | None = None,
+) -> list[LatencyResult]:
+    """:func:`measure_latency` at several batch sizes, deploying the model at most once.
+
+    Args:
+        batch_sizes: batch sizes to time (default: ``example_input``'s); inputs of another
+            batch size cycle ``example_input``'s rows.
+        (others): as in :func:`measure_latency`.
+
+    Returns:
+        One :class:`LatencyResult` per batch size, in order.
+    """
+    check_protocol(threads, warmup, repeats, budget_s)
+    impl = get_backend(backend)
+    if batch_sizes is None:
+        batch_sizes = [int(example_input.shape[0])]
+    for b in batch_sizes:
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise ValueError(f"batch_size={b!r} is not allowed; allowed values: an integer >= 1")
+    t0 = time.perf_counter()
+    if plan is None or not plan.layers:
+        model = fold_batchnorm(model).eval()  # the float graph is deployed BN-folded
+    sig = graph_signature(model, plan)
+    keys = [latency_key(sig, backend, b, threads, example_input.shape[1:]) for b in batch_sizes]
+    results: list[LatencyResult | None] = [None] * len(keys)
+    if cache is not None:
+        for i, key in enumerate(keys):
+            hit = cache.get(key)
+            if hit is not None:
+                results[i] = LatencyResult.from_dict({**hit, "cached": True, "measure_s": 0.0})
+    todo = [i for i, r in enumerate(results) if r is None]
+    if todo:
+        deployed = impl.deploy(
+            model, plan, example_input, threads=threads, calib_inputs=calib_inputs
+        )
+        for i in todo:
+            t1 = time.perf_counter()
+            b = batch_sizes[i]
+            fn = deployed.runner(_batch(example_input, b))
+            with impl.threads_context(threads):
+                timing = time_calls(fn, warmup=warmup, repeats=repeats, budget_s=budget_s)
+            result = LatencyResult(
+                median_ms=timing.median_ms,
+                iqr_ms=timing.iqr_ms,
+                backend=backend,
+                threads=threads,
+                batch_size=b,
+                n=len(timing.samples_ms),
+                formats=dict(deployed.formats),
+                cached=False,
+                measure_s=0.0,
+                signature=sig,
+                key=keys[i],
+                kernels=dict(deployed.kernels),
+                inner=timing.inner,
+            )
+            if cache is not None:
+                cache.set(
+                    keys[i], {**result.to_dict(), "measure_s": round(time.perf_counter() - t1, 4)}
+                )
+            results[i] = result
+    elapsed = time.perf_counter() - t0
+    # The call's whole cost (lookup, or deployment and timing) goes on each result.
+    return [
+        LatencyResult.from_dict({**r.to_dict(), "measure_s": elapsed})
+        for r in results
+        if r is not None
+    ]
+
+
+def measure_latency(
+    model: nn.Module,
+    plan: QuantPlan | None,
+    example_input: Tensor,
+    *,
+    backend: str = "onnxruntime",
+    threads: int = 1,
+    warmup: int = 10,
+    repeats: int = 50,
+    budget_s: float = 2.0,
+    cache: LatencyCache | None = None,
+    calib_inputs: Iterable[Tensor] | None = None,
+) -> LatencyResult:
+    """Latency of ``plan`` deployed on a real integer backend, at ``example_input``'s batch size.
+
+    Protocol: ``threads`` intra-op threads (ONNX Runtime session option; torch's thread count
+    is set and restored), ``warmup`` untimed runs, then timed samples until ``repeats`` samples
+    or ``budget_s`` seconds (at least 3 samples); median and interquartile range. With a
+    ``cache``, a graph with the same signature (see :func:`graph_signature`), backend, batch
+    size, threads and input shape is measured once.
+
+    Args:
+        model: the calibrated result of :func:`autoquant.transform.apply_plan` (values do not
+            change the latency, but integer weights are computed from them).
+        plan: the plan ``model`` was built from; ``None`` for a float model.
+        example_input: one input batch; its batch size is the one measured.
+        backend: ``"onnxruntime"`` or ``"torch-x86"``.
+        threads: intra-op threads.
+        warmup: untimed runs first.
+        repeats: timed samples at most.
+        budget_s: stop sampling after this many seconds (once 3 samples exist).
+        cache: a :class:`LatencyCache` to reuse measurements.
+        calib_inputs: inputs for the output ranges of layers that need their own 8-bit output
+            grid (default ``[example_input]``; latency does not depend on it).
+
+    Returns:
+        A :class:`LatencyResult`.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()).eval()
+        >>> r = measure_latency(net, None, torch.randn(1, 3, 16, 16), repeats=5)
+        >>> r.median_ms > 0, r.batch_size, r.cached
+        (True, 1, False)
+    """
+    return measure_latencies(
+        model,
+        plan,
+        example_input,
+        None,
+        backend=backend,
+        threads=threads,
+        warmup=warmup,
+        repeats=repeats,
+        budget_s=budget_s,
+        cache=cache,
+        calib_inputs=calib_inputs,
+    )[0]
+
+
+def measure_float_latency(
+    model: nn.Module,
+    example_input: Tensor,
+    *,
+    backend: str = "onnxruntime",
+    threads: int = 1,
+    warmup: int = 10,
+    repeats: int = 50,
+    budget_s: float = 2.0,
+    cache: LatencyCache | None = None,
+) -> LatencyResult:
+    """Latency of the float32 model (BatchNorm folded) on ``backend``: the baseline.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(8, 4)).eval()
+        >>> measure_float_latency(net, torch.randn(2, 8), repeats=5).formats
+        {}
+    """
+    return measure_latency(
+        model,
+        None,
+        example_input,
+        backend=backend,
+        threads=threads,
+        warmup=warmup,
+        repeats=repeats,
+        budget_s=budget_s,
+        cache=cache,
+    )

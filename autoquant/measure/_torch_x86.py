@@ -1,0 +1,253 @@
+"""Lower a plan to PyTorch's x86 int8 kernels (``torch.ao.nn.quantized``).
+
+Each integer layer becomes ``clamp (sub-8-bit inputs) -> quantize_per_tensor (quint8) ->
+quantized Conv/Linear (qint8 weights, x86 engine) -> dequantize``; the rest of the model runs
+unchanged in float. Output grids follow the same rules as the ONNX export (exact onto the next
+layer's input grid where possible, else a calibrated 8-bit grid; here also for a final Linear,
+since a quantized Linear always has an integer output). x86 kernels take quint8 inputs only: a
+symmetric int8 input grid runs as quint8 with its zero-point shifted by 128 (same values), and
+asymmetric uint8 weights as qint8 with zero-point ``Z - 128``. Layers without an integer kernel
+(float weight or input, per-channel input) run float with their quantization simulated.
+
+``torch.ao.quantization`` is deprecated in torch 2.x; its warnings are silenced here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from autoquant.measure._deploy import DeployedLayer, IntQ, Requant, describe_layer
+from autoquant.measure._onnx import analyse
+from autoquant.types import QuantPlan
+
+
+@contextlib.contextmanager
+def quiet_ao() -> Iterator[None]:
+    """Silence torch.ao's deprecation warnings inside the block."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.ao")
+        warnings.filterwarnings("ignore", message=r".*quantiz.*deprecated", category=UserWarning)
+        yield
+
+
+def use_x86_engine() -> None:
+    """Select PyTorch's x86 quantized engine (a process-wide setting)."""
+    if "x86" not in torch.backends.quantized.supported_engines:
+        raise RuntimeError(
+            "the torch-x86 backend needs PyTorch's x86 quantized engine; "
+            f"this build supports {torch.backends.quantized.supported_engines}"
+        )
+    torch.backends.quantized.engine = "x86"
+
+
+def _quint8(q: IntQ) -> tuple[float, int]:
+    """(scale, zero-point) of a per-tensor grid as quint8."""
+    zp = int(q.zero_point) + (128 if q.storage == "int8" else 0)
+    return float(q.scale), zp
+
+
+class IntKernelLayer(nn.Module):
+    """``dequantize(qlayer(quantize_per_tensor(clamp(x))))`` on the x86 int8 engine.
+
+    With ``emit_quantized`` the output stays a quint8 tensor: set when it is already on the
+    next layer's input grid and reaches it through ops that run on quantized tensors (ReLU,
+    max-pool, flatten, ...), which then skips its own quantize step (same values).
+    """
+
+    def __init__(self, qlayer: nn.Module, in_q: IntQ) -> None:
+        super().__init__()
+        self.qlayer = qlayer
+        self.scale, self.zero_point = _quint8(in_q)
+        self.clip = in_q.clip_range() if in_q.clip else None
+        self.emit_quantized = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not x.is_quantized:
+            if self.clip is not None:
+                x = x.clamp(*self.clip)
+            x = torch.quantize_per_tensor(x, self.scale, self.zero_point, torch.quint8)
+        y = self.qlayer(x)
+        return y if self.emit_quantized else y.dequantize()
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_scale={self.scale:.4g}, in_zero_point={self.zero_point}, "
+            f"emit_quantized={self.emit_quantized}"
+        )
+
+
+class SimulatedLayer(nn.Module):
+    """A float layer with its input quantization simulated (no integer kernel exists)."""
+
+    def __init__(self, float_layer: nn.Module, act_fq: nn.Module) -> None:
+        super().__init__()
+        self.act_fq = act_fq
+        self.layer = float_layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layer(self.act_fq(x))
+
+
+def _qweight(dl: DeployedLayer) -> Tensor:
+    q = dl.weight_q
+    shift = 128 if q.storage == "uint8" else 0
+    scale = torch.from_numpy(q.scale).double()
+    zp = torch.from_numpy(q.zero_point).long() - shift
+    # The simulated weight (Z-relative codes times S) quantizes back to exactly its codes.
+    w = dl.weight_value
+    if q.axis is None:
+        return torch.quantize_per_tensor(w, float(scale), int(zp), torch.qint8)
+    return torch.quantize_per_channel(w, scale.reshape(-1), zp.reshape(-1), q.axis, torch.qint8)
+
+
+def _int_module(dl: DeployedLayer, out: IntQ) -> nn.Module | None:
+    """The quantized torch module of an integer layer, or None if x86 has no such kernel."""
+    import torch.ao.nn.quantized as nnq
+
+    f = dl.float_module
+    if dl.weight_q.axis not in (None, 0):
+        return None
+    if isinstance(f, nn.Linear):
+        q = nnq.Linear(f.in_features, f.out_features, bias_=f.bias is not None)
+    elif isinstance(f, (nn.Conv1d, nn.Conv2d)):
+        if f.padding_mode != "zeros" or isinstance(f.padding, str):
+            return None
+        cls = nnq.Conv2d if isinstance(f, nn.Conv2d) else nnq.Conv1d
+        q = cls(
+            f.in_channels,
+            f.out_channels,
+            f.kernel_size,
+            stride=f.stride,
+            padding=f.padding,
+            dilation=f.dilation,
+            groups=f.groups,
+            bias=f.bias is not None,
+        )
+    else:
+        return None
+    bias = None if f.bias is None else f.bias.detach().float()
+    q.set_weight_bias(_qweight(dl), bias)
+    q.scale, q.zero_point = _quint8(out)
+    return q
+
+
+def _simulated(dl: DeployedLayer) -> nn.Module:
+    f = copy.deepcopy(dl.float_module)
+    with torch.no_grad():
+        f.weight = nn.Parameter(dl.weight_value.clone(), requires_grad=False)
+    return SimulatedLayer(f, dl.act_fq)
+
+
+def lower_to_torch_x86(
+    model: nn.Module,
+    plan: QuantPlan | None,
+    example_input: Tensor,
+    *,
+    calib_inputs: Iterable[Tensor] | None = None,
+    keep_quantized: bool = True,
+) -> tuple[nn.Module, dict[str, str]]:
+    """An eval-mode module running ``plan``'s integer layers on PyTorch's x86 int8 kernels.
+
+    Args:
+        model: calibrated result of :func:`autoquant.transform.apply_plan` (or a float
+            model with ``plan=None``).
+        plan: the plan ``model`` was built from.
+        example_input: an input batch (traced once to find each layer's consumers).
+        calib_inputs: inputs to observe output ranges on (default ``[example_input]``).
+        keep_quantized: hand quint8 tensors straight from one integer layer to the next where
+            the values allow it (see :class:`IntKernelLayer`), skipping a dequantize and a
+            quantize.
+
+    Returns:
+        ``(module, formats)``: formats records per plan layer how it runs.
+
+    Example:
+        >>> from autoquant.transform import apply_plan, calibration
+        >>> from autoquant.types import QuantSpec
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16, 2))
+        >>> plan = QuantPlan.uniform(["0", "3"], QuantSpec(bits=8), QuantSpec(bits=8))
+        >>> q = apply_plan(net, plan)
+        >>> with calibration(q):
+        ...     _ = q(torch.randn(8, 1, 4, 4))
+        >>> low, formats = lower_to_torch_x86(q, plan, torch.randn(1, 1, 4, 4))
+        >>> type(low[0]).__name__, low(torch.randn(2, 1, 4, 4)).shape
+        ('IntKernelLayer', torch.Size([2, 2]))
+    """
+    use_x86_engine()
+    an = analyse(model, plan, example_input, calib_inputs)
+    out = copy.deepcopy(model).eval()
+    formats: dict[str, str] = {}
+    with quiet_ao():
+        for name, dl in an.layers.items():
+            rq: Requant | None = an.requant.get(name)
+            new = None
+            if dl.format.int_kernel and rq is not None:
+                new = _int_module(dl, rq.q)
+            if new is not None:
+                new = IntKernelLayer(new, dl.act_q)
+                text = describe_layer(dl.plan, "torch-x86", rq.describe("torch-x86"))
+            else:
+                new = _simulated(dl)
+                text = describe_layer(dl.plan, "torch-x86")
+                if dl.format.int_kernel:
+                    text += " (no x86 kernel for this layer: simulated in float)"
+            formats[name] = text
+            parent, _, child = name.rpartition(".")
+            setattr(out.get_submodule(parent) if parent else out, child, new)
+        out.eval()
+        if keep_quantized:
+            _keep_runs_quantized(out, an.requant)
+        with torch.inference_mode():
+            try:
+                out(example_input)  # also spends torch's one-time deprecation warnings here
+            except (RuntimeError, NotImplementedError):
+                # Some op between two layers does not take quantized tensors: hand floats over.
+                for m in out.modules():
+                    if isinstance(m, IntKernelLayer):
+                        m.emit_quantized = False
+                out(example_input)
+    for name, m in out.named_modules():
+        if isinstance(m, IntKernelLayer) and m.emit_quantized:
+            formats[name] += " (handed over as quint8)"
+    return out, formats
+
+
+def _keep_runs_quantized(module: nn.Module, requant: dict[str, Requant]) -> None:
+    layers = dict(module.named_modules())
+    for name, rq in requant.items():
+        producer, consumer = layers.get(name), layers.get(rq.consumer or "")
+        if (
+            rq.mode == "exact"
+            and isinstance(producer, IntKernelLayer)
+            and isinstance(consumer, IntKernelLayer)
+            and consumer.clip is None
+        ):
+            producer.emit_quantized = True
+
+
+def kernel_counts(module: nn.Module) -> dict[str, int]:
+    """How many layers run on x86 int8 kernels and how many are simulated in float."""
+    counts: dict[str, int] = {}
+    for m in module.modules():
+        if isinstance(m, IntKernelLayer):
+            key = "int8:" + type(m.qlayer).__name__
+        elif isinstance(m, SimulatedLayer):
+            key = "float:" + type(m.layer).__name__
+        else:
+            continue
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def run_torch(module: nn.Module, x: Tensor) -> Any:
+    with torch.inference_mode():
+        return module(x)

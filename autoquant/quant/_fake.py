@@ -1,0 +1,165 @@
+"""Fake quantization (quantize then dequantize) with the straight-through estimator.
+
+Both functions are our own ``torch.autograd.Function``s; ``torch.fake_quantize_*`` serve only
+as the independent reference in the tests. The forward is written for few kernels because the
+activation fake-quant runs on every QAT step: with the zero-point folded into the clamp bounds,
+``clamp(round(x/S) + Z, qmin, qmax) - Z == clamp(round(x/S), qmin - Z, qmax - Z)``, so one
+multiply, one in-place round, one clamp, one in-place compare (the STE mask, only when a
+gradient is needed) and one in-place multiply do the whole job; the backward is one multiply.
+``1/S`` is rounded to float32 and the zero-point is added after rounding, exactly as ATen does,
+so results match ``torch.fake_quantize_*`` bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from autoquant.quant._qparams import EPS, Number, along, reciprocal_f32
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    """Forward: fake-quant; backward: gradient 1 inside the clamp range, 0 outside."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, inv: Number, scale: Number, lo: Number, hi: Number) -> Tensor:
+        q = (x * inv).round_()
+        if not ctx.needs_input_grad[0]:
+            return q.clamp_(lo, hi).mul_(scale)
+        qc = torch.clamp(q, lo, hi)
+        # The STE mask as 0./1. floats, written over q: float compare-in-place and a float
+        # multiply in backward are ~2x faster on CPU than a bool mask with where().
+        ctx.save_for_backward(q.eq_(qc))
+        return qc.mul_(scale)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None, None, None, None
+
+
+def _bounds(
+    zero_point: Number, qmin: int, qmax: int, axis: int | None, ndim: int
+) -> tuple[Number, Number]:
+    zp = along(zero_point, axis, ndim)
+    return qmin - zp, qmax - zp
+
+
+def fake_quantize(
+    x: Tensor,
+    scale: Number,
+    zero_point: Number,
+    qmin: int,
+    qmax: int,
+    axis: int | None = None,
+) -> Tensor:
+    """``(clamp(round(x / S) + Z, qmin, qmax) - Z) * S`` with a straight-through gradient.
+
+    Args:
+        x: input tensor.
+        scale: float or 0-dim tensor (per tensor), or ``[C]`` tensor (per channel along ``axis``).
+        zero_point: same shape as ``scale``; holds integers.
+        qmin: lowest integer code.
+        qmax: highest integer code.
+        axis: channel axis of ``x`` for per-channel parameters; ``None`` for per tensor.
+
+    Returns:
+        Tensor like ``x``. Its gradient is ``grad`` where ``round(x/S) + Z`` lies in
+        ``[qmin, qmax]`` and 0 elsewhere (the mask rule of ``torch.fake_quantize_*``).
+
+    Example:
+        >>> out = fake_quantize(torch.tensor([0.26, 9.0]), 0.1, 0.0, -7, 7)  # step 0.1, clip 0.7
+        >>> [round(v, 4) for v in out.tolist()]
+        [0.3, 0.7]
+    """
+    inv = along(reciprocal_f32(scale), axis, x.ndim)
+    lo, hi = _bounds(zero_point, qmin, qmax, axis, x.ndim)
+    return _FakeQuantSTE.apply(x, inv, along(scale, axis, x.ndim), lo, hi)
+
+
+def _sum_to_shape(t: Tensor, shape: torch.Size, axis: int | None) -> Tensor:
+    """Reduce an elementwise gradient to a per-tensor or per-channel (along ``axis``) shape."""
+    if axis is None or len(shape) == 0:
+        return t.sum().reshape(shape)
+    return t.sum(dim=[d for d in range(t.ndim) if d != axis]).reshape(shape)
+
+
+class _FakeQuantLSQ(torch.autograd.Function):
+    """LSQ (Esser et al. 2020): straight-through for ``x``, learned-step gradient for ``S``."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        scale: Tensor,
+        lo: Number,
+        hi: Number,
+        axis: int | None,
+        grad_factor: float,
+    ) -> Tensor:
+        s = along(scale.clamp_min(EPS), axis, x.ndim)  # a step must stay positive
+        ctx.save_for_backward(x, s)
+        ctx.lo, ctx.hi, ctx.axis, ctx.grad_factor = lo, hi, axis, grad_factor
+        ctx.scale_shape = scale.shape
+        return (x * reciprocal_f32(s)).round_().clamp_(lo, hi).mul_(s)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, s = ctx.saved_tensors
+        xs = x * reciprocal_f32(s)
+        q = torch.round(xs)
+        qc = torch.clamp(q, ctx.lo, ctx.hi)
+        mask = q == qc
+        grad_x = grad * mask if ctx.needs_input_grad[0] else None
+        grad_s = None
+        if ctx.needs_input_grad[1]:
+            # d(out)/dS = round(x/S) - x/S inside the range, the clamp bound outside.
+            local = qc - xs * mask
+            grad_s = _sum_to_shape(grad * local, ctx.scale_shape, ctx.axis) * ctx.grad_factor
+        return grad_x, grad_s, None, None, None, None
+
+
+def lsq_grad_factor(numel: int, n_scales: int, qmax: int) -> float:
+    """LSQ gradient scale ``1 / sqrt(N * Qmax)`` with ``N`` the elements per scale."""
+    return 1.0 / math.sqrt(max(numel // max(n_scales, 1), 1) * max(qmax, 1))
+
+
+def fake_quantize_lsq(
+    x: Tensor,
+    scale: Tensor,
+    zero_point: Number,
+    qmin: int,
+    qmax: int,
+    axis: int | None = None,
+    grad_factor: float | None = None,
+) -> Tensor:
+    """Fake quantization with a learnable step size (LSQ, Esser et al. 2020).
+
+    The forward equals :func:`fake_quantize`. The gradient w.r.t. ``x`` is the same
+    straight-through mask; the gradient w.r.t. ``scale`` is ``round(x/S) - x/S`` inside the range
+    and ``qmin - Z`` / ``qmax - Z`` below / above it, times ``grad_factor``. The zero-point is not
+    learned. The mask is decided on ``round(x/S) + Z`` as in
+    ``torch._fake_quantize_learnable_per_tensor_affine``.
+
+    Args:
+        x: input tensor.
+        scale: learnable 0-dim or ``[C]`` tensor (positive; clamped at a tiny epsilon).
+        zero_point: integer-valued, same shape as ``scale`` (or a float).
+        qmin: lowest integer code.
+        qmax: highest integer code.
+        axis: channel axis for per-channel ``scale``.
+        grad_factor: defaults to ``1 / sqrt(N * qmax)``, ``N`` = elements per scale.
+
+    Example:
+        >>> s = torch.tensor(0.1, requires_grad=True)
+        >>> fake_quantize_lsq(torch.tensor([0.26, 9.0]), s, 0.0, -7, 7).sum().backward()
+        >>> round(float(s.grad), 4)  # (3 - 2.6 + 7) / sqrt(2 * 7)
+        1.9777
+    """
+    if grad_factor is None:
+        grad_factor = lsq_grad_factor(x.numel(), scale.numel(), qmax)
+    lo, hi = _bounds(zero_point, qmin, qmax, axis, x.ndim)
+    return _FakeQuantLSQ.apply(x, scale, lo, hi, axis, grad_factor)
