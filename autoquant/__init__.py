@@ -10,6 +10,7 @@ from autoquant.types import (
     QuantPlan,
     QuantSpec,
     TrialMetrics,
+    load_plan,
 )
 
 __version__ = "0.1.0"
@@ -23,4 +24,5 @@ __all__ = [
     "QuantSpec",
     "TrialMetrics",
     "__version__",
+    "load_plan",
 ]

@@ -60,6 +60,58 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _context(study: optuna.Study, spec: object) -> object:
+    from autoquant.measure import LatencyCache
+    from autoquant.search import OptunaAttrStore, SearchContext
+
+    return SearchContext(spec, latency_cache=LatencyCache(OptunaAttrStore(study)))
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import json
+
+    from autoquant.search import export_trial
+
+    study, spec = _study_from_args(args)
+    meta = export_trial(study, _context(study, spec), args.trial, args.out)
+    print(
+        json.dumps(
+            {
+                k: meta[k]
+                for k in ("trial", "stored", "replayed", "deployed_accuracy_onnxruntime", "files")
+            },
+            indent=2,
+        )
+    )
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_bench_latency(args: argparse.Namespace) -> int:
+    from autoquant.search import bench_trial_latency
+
+    study, spec = _study_from_args(args)
+    results = bench_trial_latency(
+        study,
+        _context(study, spec),
+        args.trial,
+        repeats=args.repeats,
+        budget_s=args.budget_s,
+        backend=args.backend,
+        threads=args.threads,
+        batch_sizes=tuple(args.batch_size) if args.batch_size else None,
+    )
+    stored = study.trials[args.trial].user_attrs.get("latency") or []
+    for r in results:
+        old = next((s for s in stored if s.get("batch_size") == r["batch_size"]), None)
+        was = f"  (stored {old['median_ms']:.4f} ms)" if old else ""
+        print(
+            f"trial {args.trial} {r['backend']} batch {r['batch_size']} threads {r['threads']}: "
+            f"median {r['median_ms']:.4f} ms, IQR {r['iqr_ms']:.4f} ms, n={r['n']}{was}"
+        )
+    return 0
+
+
 def cmd_front(args: argparse.Namespace) -> int:
     from autoquant.report import failed_frame, format_frame, front_frame
 
@@ -139,8 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("worker", help="join a shared study (any number of workers, any machine)")
     p.add_argument("study", help="the study file (studies/*.toml)")
-    p.add_argument("--storage", required=True,
-                   help="the shared Optuna storage, e.g. postgresql://user:password@host/db")
+    p.add_argument(
+        "--storage",
+        required=True,
+        help="the shared Optuna storage, e.g. postgresql://user:password@host/db",
+    )
     p.add_argument("--trials", type=int, help="complete trials wanted (default: the file's)")
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, help="torch threads for QAT in this worker")
@@ -151,6 +206,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
     p.add_argument("--failed", action="store_true", help="list failed trials and reasons")
     p.set_defaults(func=cmd_front)
+
+    p = study_cmd("export", "write a trial's plan, ONNX model, metadata and state dict")
+    p.add_argument("--trial", type=int, required=True)
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_export)
+
+    p = study_cmd("bench-latency", "re-measure one trial's latency with more repeats")
+    p.add_argument("--trial", type=int, required=True)
+    p.add_argument("--repeats", type=int, default=500)
+    p.add_argument("--budget-s", type=float, default=10.0)
+    p.add_argument("--backend", choices=["onnxruntime", "torch-x86"])
+    p.add_argument("--threads", type=int)
+    p.add_argument("--batch-size", type=int, action="append", help="repeatable")
+    p.set_defaults(func=cmd_bench_latency)
 
     p = study_cmd("best", "print the best trial under an accuracy-drop limit, and its plan")
     p.add_argument(
@@ -190,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         return args.func(args)
-    except (PlanError, FileNotFoundError, StorageError) as e:
+    except (PlanError, FileNotFoundError, StorageError, ValueError) as e:
         print(f"autoquant: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from enum import Enum
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -313,3 +315,21 @@ class TrialMetrics:
     def __post_init__(self) -> None:
         if not math.isfinite(self.accuracy):
             raise PlanError(f"accuracy={self.accuracy!r} must be finite")
+
+
+def load_plan(path: str | os.PathLike[str]) -> QuantPlan:
+    """Read a plan from a JSON file, or from the ``plan.json`` of an ``autoquant export`` folder.
+
+    Example:
+        >>> from autoquant.transform import apply_plan  # doctest: +SKIP
+        >>> model = apply_plan(float_model, load_plan("export-trial3"))  # doctest: +SKIP
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = p / "plan.json"
+    try:
+        return QuantPlan.from_json(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"plan file {p} not found") from None
+    except json.JSONDecodeError as e:
+        raise PlanError(f"{p}: not valid JSON: {e}") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from autoquant.search._export import bench_trial_latency, deployed_accuracy, export_trial
 from autoquant.search._objective import SearchContext, TrialResult, replay
 from autoquant.search._pareto import (
     feasible,
@@ -40,6 +41,9 @@ __all__ = [
     "StorageError",
     "StudyFileError",
     "StudySpec",
+    "bench_trial_latency",
+    "deployed_accuracy",
+    "export_trial",
     "TrialResult",
     "enqueue_baselines",
     "feasible",

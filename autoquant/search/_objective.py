@@ -5,14 +5,13 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from autoquant.measure import LatencyCache, measure_float_latency, measure_latency
+from autoquant.measure import LatencyCache, measure_latencies
 from autoquant.space import plan_from_trial, qat_params_from_trial
 from autoquant.space._space import ChoiceTrial
 from autoquant.tasks import Task, get_task
@@ -96,7 +95,7 @@ class SearchContext:
         lr: float,
         steps: int,
         float_accuracy: float | None = None,
-        on_attr: Callable[[str, Any], None] | None = None,
+        measure: bool = True,
     ) -> TrialResult:
         """Apply, calibrate, fine-tune and score one plan (deterministic under the study seed).
 
@@ -136,7 +135,7 @@ class SearchContext:
         t = time.perf_counter()
         model = model.cpu().eval()
         size = packed_size_bytes(model, plan)
-        latencies = self._latencies(model, plan)
+        latencies = self._latencies(model, plan) if measure else [{"median_ms": float("nan")}]
         timing["measure"] = time.perf_counter() - t
         timing["total"] = time.perf_counter() - t0
 
@@ -158,25 +157,22 @@ class SearchContext:
         return TrialResult(model=model, plan=plan, values=values, attrs=attrs)
 
     def _latencies(self, model: nn.Module, plan: QuantPlan | None) -> list[dict[str, Any]]:
+        """Latency at every configured batch size, deploying the model once (cached)."""
         ls = self.spec.latency
-        out = []
-        for bs in ls.batch_sizes:
-            example = self.task.example_input(bs)
-            kwargs = dict(
-                backend=ls.backend,
-                threads=ls.threads,
-                warmup=ls.warmup,
-                repeats=ls.repeats,
-                budget_s=ls.budget_s,
-                cache=self.latency_cache,
-            )
-            result = (
-                measure_float_latency(model, example, **kwargs)
-                if plan is None
-                else measure_latency(model, plan, example, **kwargs)
-            )
-            out.append(result.to_dict())
-        return out
+        results = measure_latencies(
+            model,
+            plan,
+            self.task.example_input(ls.batch_sizes[0]),
+            list(ls.batch_sizes),
+            backend=ls.backend,
+            threads=ls.threads,
+            warmup=ls.warmup,
+            repeats=ls.repeats,
+            budget_s=ls.budget_s,
+            cache=self.latency_cache,
+            calib_inputs=None if plan is None else [x for x, _ in self.calib],
+        )
+        return [r.to_dict() for r in results]
 
 
 def _subsample(values: list[float], n: int) -> list[float]:
