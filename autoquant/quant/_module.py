@@ -144,7 +144,10 @@ class FakeQuantize(nn.Module):
                 args: tuple[Number, ...] = (float(reciprocal_f32(s)), sf, zf)
             else:
                 args = tuple(along(t, self.axis, ndim) for t in (reciprocal_f32(s), s, z))
-            self._cache = (ndim, *args, self.qmin - args[2], self.qmax - args[2])
+            entry = (ndim, *args, self.qmin - args[2], self.qmax - args[2])
+            if not isinstance(ndim, int):  # a torch.fx Proxy while tracing: never cache it
+                return entry[1:]  # type: ignore[return-value]
+            self._cache = entry
         return self._cache[1:]  # type: ignore[return-value]
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> FakeQuantize:
