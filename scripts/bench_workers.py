@@ -86,7 +86,12 @@ def main() -> int:
     p.add_argument("--trials", type=int, default=30)
     p.add_argument("--workers", type=int, default=2, help="workers of the parallel run")
     p.add_argument("--cores", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--repeat", type=int, default=1, help="alternate the two runs this often")
+    p.add_argument("--repeat", type=int, default=1, help="alternate the runs this often")
+    p.add_argument(
+        "--one-thread-too",
+        action="store_true",
+        help="also run 1 worker x 1 thread (separates thread scaling from worker scaling)",
+    )
     args = p.parse_args()
 
     from autoquant.search import mask_password
@@ -105,6 +110,8 @@ def main() -> int:
             f"{args.workers} workers x {threads} threads"
         )
         configs = ((1, args.cores), (args.workers, threads))
+        if args.one_thread_too:
+            configs += ((1, 1),)
         results: dict[tuple[int, int], list[dict[str, float]]] = {c: [] for c in configs}
         for _ in range(args.repeat):
             for workers, t in configs:
@@ -123,7 +130,7 @@ def main() -> int:
                     f"{r['per_min']:>11.1f} {r['wall_s']:>7.1f} {r['per_min_wall']:>17.1f} "
                     f"{r['load']:>8.2f}"
                 )
-        one, many = (results[c] for c in configs)
+        one, many = results[configs[0]], results[configs[1]]
 
         def median(rs: list[dict[str, float]], key: str) -> float:
             return sorted(r[key] for r in rs)[len(rs) // 2]
@@ -133,6 +140,12 @@ def main() -> int:
             f"{median(many, 'per_min') / median(one, 'per_min'):.2f}x over the trial window, "
             f"{median(many, 'per_min_wall') / median(one, 'per_min_wall'):.2f}x over the wall clock"
         )
+        if args.one_thread_too:
+            single = results[(1, 1)]
+            print(
+                f"{args.workers} workers x {threads} thread(s) / 1 worker x 1 thread: "
+                f"{median(many, 'per_min') / median(single, 'per_min'):.2f}x over the trial window"
+            )
         print("loadavg > cores means other processes shared the CPUs: the figures are noisy.")
     finally:
         if pg_dir:

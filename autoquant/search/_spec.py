@@ -187,7 +187,7 @@ def study_spec_from_dict(data: Mapping[str, Any], path: str = "<study>") -> Stud
         )
     task_options = task.pop("options", {})
     _check(path, "task.options", task_options, dict)
-    _no_unknown(path, "task", task, set())
+    _no_unknown(path, "task", {**task, "name": 0, "options": 0}, {"name", "options"})
 
     name = _check(path, "study.name", study.get("name", Path(path).stem), str)
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):

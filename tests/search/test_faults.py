@@ -40,7 +40,10 @@ BAD_FILES = [
     (T + "[latency]\nrepeat=3", ["unknown key(s) ['repeat'] in [latency]", "repeats"]),
     (T + "[constraint]\nmax_drop=0.1", ["['max_drop'] in [constraint]", "max_accuracy_drop"]),
     (T + "[objectives]\nuse2=['size']", ["['use2'] in [objectives]", "allowed keys: use"]),
-    ("[task]\nname='digits-cnn'\nbogus=1", ["unknown key(s) ['bogus'] in [task]"]),
+    (
+        "[task]\nname='digits-cnn'\nbogus=1",
+        ["unknown key(s) ['bogus'] in [task]", "allowed keys: name, options"],
+    ),
     # wrong types
     (T + "[study]\nseed=1.5", ["study.seed = 1.5 is float", "expected an integer"]),
     (T + "[study]\nstorage=42", ["study.storage = 42 is int", "expected a string"]),
