@@ -9,7 +9,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-
 # One intra-op thread per test process: with other jobs on the 2 cores, multi-threaded ops
 # wait on descheduled threads (KL calibration: 29 ms on 1 thread, ~1 s on 2).
 torch.set_num_threads(1)

@@ -28,6 +28,7 @@ from autoquant.measure._deploy import (
     float_clone,
     graph_signature,
     layer_formats,
+    plan_formats,
     tensor_format,
 )
 from autoquant.measure._latency import (
@@ -89,6 +90,7 @@ __all__ = [
     "measure_latency",
     "ort_session",
     "pack_bits",
+    "plan_formats",
     "read_sidecar",
     "register_backend",
     "tensor_format",

@@ -117,9 +117,18 @@ def _act_storage(storage: str, backend: str) -> str:
     return storage
 
 
-def describe_layer(lp: LayerPlan, backend: str, output: str | None = None) -> str:
+def describe_layer(lp: LayerPlan, backend: str, tail: str | None = None) -> str:
     """Human-readable record of how a layer runs, e.g.
-    ``"w4c→int8, a6a→uint8+clip[0,63], int8 kernel, out→uint8 (calibrated)"``."""
+    ``"w4c→int8, a6a→uint8+clip[0,63], int8 kernel, out→calibrated uint8"``.
+
+    ``tail`` is the backend's note on the deployed graph around the layer (how its output is
+    quantized, ...): it depends only on the kernel formats, so cached measurements keep it.
+
+    Example:
+        >>> describe_layer(LayerPlan(QuantSpec(bits=4), QuantSpec(bits=6, symmetric=False)),
+        ...                "onnxruntime")
+        'w4→int8 (sub-8-bit grid, packed on disk), a6a→uint8+clip[0,63], int8 kernel'
+    """
     fmt = LayerFormat.of(lp)
     parts = []
     w, a = lp.weight, lp.activation
@@ -153,9 +162,23 @@ def describe_layer(lp: LayerPlan, backend: str, output: str | None = None) -> st
         )
     else:
         parts.append("float kernel")
-    if output:
-        parts.append(f"out→{output}")
+    if tail:
+        parts.append(tail)
     return ", ".join(parts)
+
+
+def plan_formats(
+    plan: QuantPlan | None, backend: str, tails: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """:func:`describe_layer` of every non-float layer of ``plan``."""
+    if plan is None:
+        return {}
+    tails = tails or {}
+    return {
+        n: describe_layer(lp, backend, tails.get(n))
+        for n, lp in plan.layers.items()
+        if not LayerFormat.of(lp).is_float
+    }
 
 
 # ---------------------------------------------------------------------------------------

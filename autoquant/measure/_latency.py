@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from autoquant.measure._cache import LatencyCache
-from autoquant.measure._deploy import graph_signature
+from autoquant.measure._deploy import graph_signature, plan_formats
 from autoquant.measure._timing import check_protocol, time_calls, torch_threads
 from autoquant.transform import fold_batchnorm
 from autoquant.types import QuantPlan
@@ -44,6 +44,8 @@ class LatencyResult:
         kernels: what ran, e.g. ``{"QLinearConv": 19, "QGemm": 1}`` (ONNX Runtime's fused ops)
             or ``{"int8:Conv2d": 19}`` (torch-x86).
         inner: calls per timed sample (fast calls are grouped to beat timer overhead).
+        notes: per layer, the backend's plan-independent part of ``formats`` (output grids,
+            fallbacks); a cache hit rebuilds ``formats`` for the asking plan from it.
     """
 
     median_ms: float
@@ -59,6 +61,7 @@ class LatencyResult:
     key: str = ""
     kernels: dict[str, int] = field(default_factory=dict)
     inner: int = 1
+    notes: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,6 +81,7 @@ class Deployed(Protocol):
     """A model deployed on a backend, ready to time."""
 
     formats: dict[str, str]
+    notes: dict[str, str]
     kernels: dict[str, int]
 
     def runner(self, x: Tensor) -> Callable[[], object]:
@@ -112,9 +116,12 @@ class LatencyBackend(Protocol):
 
 
 class _OrtDeployed:
-    def __init__(self, session: Any, formats: dict[str, str], kernels: dict[str, int]) -> None:
+    def __init__(
+        self, session: Any, formats: dict[str, str], notes: dict[str, str], kernels: dict[str, int]
+    ) -> None:
         self.session = session
         self.formats = formats
+        self.notes = notes
         self.kernels = kernels
         self.input_name = session.get_inputs()[0].name
 
@@ -155,7 +162,7 @@ class OnnxRuntimeBackend:
             session = ort_session(qdq.proto, threads, optimized)
             ops = [n.op_type for n in onnx.load(str(optimized)).graph.node]
         kernels = {op: ops.count(op) for op in sorted(set(ops)) if op in _KERNEL_OPS}
-        return _OrtDeployed(session, qdq.formats, kernels)
+        return _OrtDeployed(session, qdq.formats, qdq.tails, kernels)
 
     def threads_context(self, threads: int) -> Any:
         return contextlib.nullcontext()  # threads are a session option
@@ -188,9 +195,16 @@ _KERNEL_OPS = frozenset(
 
 
 class _TorchDeployed:
-    def __init__(self, module: nn.Module, formats: dict[str, str], kernels: dict[str, int]) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        formats: dict[str, str],
+        notes: dict[str, str],
+        kernels: dict[str, int],
+    ) -> None:
         self.module = module
         self.formats = formats
+        self.notes = notes
         self.kernels = kernels
 
     def runner(self, x: Tensor) -> Callable[[], object]:
@@ -217,7 +231,7 @@ class TorchX86Backend:
         calib_inputs: Iterable[Tensor] | None = None,
     ) -> Deployed:
         from autoquant.measure._deploy import float_clone
-        from autoquant.measure._torch_x86 import kernel_counts, lower_to_torch_x86
+        from autoquant.measure._torch_x86 import kernel_counts, lower_with_notes
 
         if plan is None or not plan.layers:
             module = float_clone(model)
@@ -226,9 +240,10 @@ class TorchX86Backend:
                 if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
                     key = "float:" + type(m).__name__
                     counts[key] = counts.get(key, 0) + 1
-            return _TorchDeployed(module, {}, counts)
-        module, formats = lower_to_torch_x86(model, plan, example_input, calib_inputs=calib_inputs)
-        return _TorchDeployed(module, formats, kernel_counts(module))
+            return _TorchDeployed(module, {}, {}, counts)
+        module, notes = lower_with_notes(model, plan, example_input, calib_inputs=calib_inputs)
+        formats = plan_formats(plan, self.name, notes)
+        return _TorchDeployed(module, formats, notes, kernel_counts(module))
 
     @contextlib.contextmanager
     def threads_context(self, threads: int) -> Iterator[None]:
@@ -348,7 +363,11 @@ def measure_latencies(
         for i, key in enumerate(keys):
             hit = cache.get(key)
             if hit is not None:
-                results[i] = LatencyResult.from_dict({**hit, "cached": True, "measure_s": 0.0})
+                # Same kernels, maybe other bit widths: describe the asking plan's layers.
+                formats = plan_formats(plan, backend, hit.get("notes", {}))
+                results[i] = LatencyResult.from_dict(
+                    {**hit, "formats": formats, "cached": True, "measure_s": 0.0}
+                )
     todo = [i for i, r in enumerate(results) if r is None]
     if todo:
         deployed = impl.deploy(
@@ -368,6 +387,7 @@ def measure_latencies(
                 batch_size=b,
                 n=len(timing.samples_ms),
                 formats=dict(deployed.formats),
+                notes=dict(deployed.notes),
                 cached=False,
                 measure_s=0.0,
                 signature=sig,

@@ -47,9 +47,9 @@ from autoquant.measure._deploy import (
     IntQ,
     Requant,
     deployed_layers,
-    describe_layer,
     float_clone,
     output_ranges,
+    plan_formats,
     plan_requant,
 )
 from autoquant.measure._pack import SIDECAR_NAME, PackedTensor, read_sidecar, write_sidecar
@@ -527,6 +527,7 @@ class QDQModel:
     requant: dict[str, Requant]
     formats: dict[str, str]
     packed: dict[str, PackedTensor]
+    tails: dict[str, str]  # per layer, the plan-independent part of ``formats``
 
 
 def build_qdq(
@@ -575,12 +576,8 @@ def build_qdq(
                 dl.format.weight.storage,
                 pack_bits(arr, int(bits), q.qmin),
             )
-    formats = {
-        n: describe_layer(
-            dl.plan, "onnxruntime", _requant_text(requant[n]) if n in requant else None
-        )
-        for n, dl in layers.items()
-    }
+    tails = {n: "out→" + _requant_text(r) for n, r in requant.items()}
+    formats = plan_formats(plan, "onnxruntime", tails)
     stored = {i.name for i in proto.graph.initializer}
     roles = {k: v for k, v in ed.roles.items() if k in stored}
     helper.set_model_props(
@@ -591,7 +588,7 @@ def build_qdq(
             "autoquant.formats": json.dumps(formats),
         },
     )
-    return QDQModel(proto, layers, requant, formats, packed)
+    return QDQModel(proto, layers, requant, formats, packed, tails)
 
 
 # ---------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from autoquant.measure._deploy import DeployedLayer, IntQ, Requant, describe_layer
+from autoquant.measure._deploy import DeployedLayer, IntQ, Requant, plan_formats
 from autoquant.measure._onnx import analyse
 from autoquant.types import QuantPlan
 
@@ -182,10 +182,25 @@ def lower_to_torch_x86(
         >>> type(low[0]).__name__, low(torch.randn(2, 1, 4, 4)).shape
         ('IntKernelLayer', torch.Size([2, 2]))
     """
+    out, tails = lower_with_notes(
+        model, plan, example_input, calib_inputs=calib_inputs, keep_quantized=keep_quantized
+    )
+    return out, plan_formats(plan, "torch-x86", tails)
+
+
+def lower_with_notes(
+    model: nn.Module,
+    plan: QuantPlan | None,
+    example_input: Tensor,
+    *,
+    calib_inputs: Iterable[Tensor] | None = None,
+    keep_quantized: bool = True,
+) -> tuple[nn.Module, dict[str, str]]:
+    """:func:`lower_to_torch_x86` returning per-layer deployment notes (format tails)."""
     use_x86_engine()
     an = analyse(model, plan, example_input, calib_inputs)
     out = copy.deepcopy(model).eval()
-    formats: dict[str, str] = {}
+    tails: dict[str, str] = {}
     with quiet_ao():
         for name, dl in an.layers.items():
             rq: Requant | None = an.requant.get(name)
@@ -194,13 +209,11 @@ def lower_to_torch_x86(
                 new = _int_module(dl, rq.q)
             if new is not None:
                 new = IntKernelLayer(new, dl.act_q)
-                text = describe_layer(dl.plan, "torch-x86", rq.describe("torch-x86"))
+                tails[name] = "out→" + rq.describe("torch-x86")
             else:
                 new = _simulated(dl)
-                text = describe_layer(dl.plan, "torch-x86")
                 if dl.format.int_kernel:
-                    text += " (no x86 kernel for this layer: simulated in float)"
-            formats[name] = text
+                    tails[name] = "no x86 kernel for this layer: simulated in float"
             parent, _, child = name.rpartition(".")
             setattr(out.get_submodule(parent) if parent else out, child, new)
         out.eval()
@@ -217,8 +230,8 @@ def lower_to_torch_x86(
                 out(example_input)
     for name, m in out.named_modules():
         if isinstance(m, IntKernelLayer) and m.emit_quantized:
-            formats[name] += " (handed over as quint8)"
-    return out, formats
+            tails[name] += " (handed over as quint8)"
+    return out, tails
 
 
 def _keep_runs_quantized(module: nn.Module, requant: dict[str, Requant]) -> None:
