@@ -37,11 +37,14 @@ def _signs(directions: Sequence[StudyDirection]) -> np.ndarray:
 
 
 def pareto_front(study: optuna.Study, max_drop: float | None = None) -> list[FrozenTrial]:
-    """Complete, feasible, non-dominated trials, sorted by the first objective (best first)."""
+    """Complete, feasible, non-dominated trials, sorted by the first objective (best first).
+
+    A trial that repeated an earlier plan (``duplicate_of``) is left out: its twin stands.
+    """
     trials = [
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if feasible(t, max_drop)
+        if feasible(t, max_drop) and "duplicate_of" not in t.user_attrs
     ]
     if not trials:
         return []

@@ -517,6 +517,9 @@ def make_objective(
         baseline = study.user_attrs["float_baseline"]
         try:
             plan, qat = ctx.plan_for(trial)
+            twin = _complete_twin(trials, plan.to_dict(), qat)
+            if twin is not None:  # same plan and QAT: deterministic, so reuse, don't retrain
+                return _copy_twin(trial, twin, spec)
             result = ctx.run_plan(
                 plan, lr=qat["lr"], steps=qat["steps"], float_accuracy=baseline["accuracy"]
             )
@@ -543,6 +546,35 @@ def make_objective(
         return values
 
     return objective
+
+
+_OWN_ATTRS = ("worker", "baseline", "retry_of", "duplicate_of")
+
+
+def _complete_twin(
+    trials: Sequence[FrozenTrial], plan: dict[str, Any], qat: dict[str, Any]
+) -> FrozenTrial | None:
+    """An earlier complete trial with the same plan and QAT settings, if any."""
+    for t in trials:
+        if (
+            t.state == TrialState.COMPLETE
+            and t.user_attrs.get("plan") == plan
+            and "duplicate_of" not in t.user_attrs
+            and {k: t.user_attrs.get("qat", {}).get(k) for k in qat} == qat
+        ):
+            return t
+    return None
+
+
+def _copy_twin(trial: optuna.Trial, twin: FrozenTrial, spec: StudySpec) -> list[float]:
+    for key, value in twin.user_attrs.items():
+        if key not in _OWN_ATTRS:
+            trial.set_user_attr(key, value)
+    trial.set_user_attr("duplicate_of", twin.number)
+    trial.set_user_attr("timing_s", {"total": 0.0})
+    for key, value in twin.constraints.items():
+        trial.set_constraint(key, value)
+    return list(twin.values)
 
 
 # -- the worker loop --------------------------------------------------------------------
