@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -44,7 +45,8 @@ class JsonFileStore:
 
     Writes take an exclusive lock on ``<path>.lock`` and replace the file atomically
     (write to a temporary file, then ``os.replace``), so a reader sees either the old or
-    the new complete file and concurrent writers never lose each other's keys.
+    the new complete file and concurrent writers never lose each other's keys. An unreadable
+    file is ignored with a warning and rewritten by the next :meth:`set`.
 
     Example:
         >>> import tempfile, pathlib
@@ -62,12 +64,28 @@ class JsonFileStore:
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
             return {}
+        except UnicodeDecodeError as exc:
+            return self._corrupt(exc)
         if not text.strip():
             return {}
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            return self._corrupt(exc)
         if not isinstance(data, dict):
-            raise ValueError(f"latency cache file {self.path} must hold a JSON object")
+            return self._corrupt(f"a JSON {type(data).__name__}, not an object")
         return data
+
+    def _corrupt(self, reason: object) -> dict[str, Any]:
+        # A cache is only a cache: a damaged file (crash mid-copy, manual edit) costs
+        # re-measuring, not the study. The next set() rewrites it whole.
+        warnings.warn(
+            f"latency cache file {self.path} is unreadable ({reason}); ignoring it "
+            "and starting afresh",
+            UserWarning,
+            stacklevel=3,
+        )
+        return {}
 
     def get(self, key: str) -> Any:
         return self._read().get(key)

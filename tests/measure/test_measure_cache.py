@@ -32,13 +32,20 @@ def test_json_store_parallel_writers_lose_nothing(tmp_path: Path) -> None:
     assert sorted(p.name for p in path.parent.iterdir()) == ["latency.json", "latency.json.lock"]
 
 
-def test_json_store_missing_file_and_bad_content(tmp_path: Path) -> None:
-    store = JsonFileStore(tmp_path / "none.json")
-    assert store.get("k") is None
+def test_json_store_missing_file(tmp_path: Path) -> None:
+    assert JsonFileStore(tmp_path / "none.json").get("k") is None
+    assert not (tmp_path / "none.json").exists()
+
+
+@pytest.mark.parametrize("junk", [b"{not json", b"[1, 2]", b"\xff\xfe\x00"])
+def test_json_store_corrupt_file_is_ignored_then_rewritten(tmp_path: Path, junk: bytes) -> None:
     bad = tmp_path / "bad.json"
-    bad.write_text("[1, 2]")
-    with pytest.raises(ValueError, match="JSON object"):
-        JsonFileStore(bad).get("k")
+    bad.write_bytes(junk)
+    with pytest.warns(UserWarning, match="bad.json is unreadable"):
+        assert JsonFileStore(bad).get("k") is None
+    with pytest.warns(UserWarning):
+        JsonFileStore(bad).set("k", {"median_ms": 2.0})
+    assert json.loads(bad.read_text()) == {"k": {"median_ms": 2.0}}
 
 
 def test_latency_cache_counts_and_stores() -> None:

@@ -12,11 +12,38 @@ from autoquant.measure._timing import Timing, check_protocol, time_calls, torch_
 
 def test_stops_at_repeats_and_counts_warmup() -> None:
     calls = []
-    t = time_calls(lambda: calls.append(1) or time.sleep(0.001), warmup=3, repeats=7, budget_s=60)
+    t = time_calls(
+        lambda: calls.append(1) or time.sleep(0.001),
+        warmup=3,
+        repeats=7,
+        budget_s=60,
+        min_warmup_s=0,
+    )
     assert len(t.samples_ms) == 7
     assert t.inner == 1  # a 1 ms call needs no grouping
     assert len(calls) == 3 + 1 + 7  # warm-up, probe, samples
     assert all(s >= 1.0 for s in t.samples_ms)
+
+
+def test_warmup_lasts_a_minimum_time() -> None:
+    calls = []
+    time_calls(
+        lambda: calls.append(1) or time.sleep(0.001),
+        warmup=2,
+        repeats=1,
+        budget_s=60,
+        min_warmup_s=0.05,
+    )
+    assert len(calls) - 1 - 3 >= 0.05 / 0.0015  # ~33+ warm-up calls, not 2
+    calls.clear()
+    time_calls(
+        lambda: calls.append(1) or time.sleep(0.001),
+        warmup=0,
+        repeats=1,
+        budget_s=60,
+        min_warmup_s=1.0,
+    )
+    assert len(calls) == 2  # warmup=0: no warm-up at all, just the probe and one sample
 
 
 def test_stops_at_budget_with_minimum_samples() -> None:

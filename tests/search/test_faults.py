@@ -297,10 +297,6 @@ def test_ctrl_c_fails_the_trial_in_flight_and_a_rerun_resumes(tmp_path: Path) ->
 # -- corrupted caches -----------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs autoquant.measure.JsonFileStore to discard a corrupt file (warn, rebuild)",
-)
 @pytest.mark.parametrize("junk", ["{not json", '["a list"]', "\x00\x01"])
 def test_corrupted_latency_json_store_is_discarded_and_rebuilt(tmp_path: Path, junk: str) -> None:
     from autoquant.measure import JsonFileStore
