@@ -633,13 +633,26 @@ def _abandon(study: optuna.Study, trial: optuna.Trial, e: BaseException) -> None
         reason = f"{INTERRUPTED} (Ctrl-C)"
     else:
         reason = f"{type(e).__name__}: {e}"[:2000]
-    try:
-        if study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
-            trial.set_user_attr("fail_reason", reason)
-            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-            log.warning("trial %d failed: %s", trial.number, reason)
-    except Exception as cleanup_error:  # storage gone: the heartbeat timeout fails it later
-        log.warning("could not mark trial %d failed: %s", trial.number, cleanup_error)
+    attempts = 5
+    for attempt in range(attempts):
+        try:
+            if study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
+                trial.set_user_attr("fail_reason", reason)
+                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                log.warning("trial %d failed: %s", trial.number, reason)
+            return
+        except Exception as cleanup_error:
+            if attempt == attempts - 1:  # storage gone: the heartbeat timeout fails it later
+                log.warning("could not mark trial %d failed: %s", trial.number, cleanup_error)
+                return
+            # An interrupt inside a storage call can leave this thread's session
+            # mid-transaction, and SQLite may be briefly locked by a reader: start a fresh
+            # session and try again.
+            session = getattr(study._storage, "scoped_session", None)
+            if session is not None:
+                with contextlib.suppress(Exception):
+                    session.remove()
+            time.sleep(0.2 * (attempt + 1))
 
 
 def _context(spec: StudySpec, cache: LatencyCache) -> SearchContext:

@@ -279,7 +279,7 @@ def test_ctrl_c_fails_the_trial_in_flight_and_a_rerun_resumes(tmp_path: Path) ->
     assert "interrupted; completed trials are kept" in output
 
     before = optuna.load_study(study_name="faults", storage=url).get_trials()
-    assert before[interrupted].state == TrialState.FAIL
+    assert before[interrupted].state == TrialState.FAIL, output
     assert before[interrupted].user_attrs["fail_reason"] == "interrupted (Ctrl-C)"
     assert not [t for t in before if t.state == TrialState.RUNNING]
     kept = {t.number: t.values for t in before if t.state == TrialState.COMPLETE}
