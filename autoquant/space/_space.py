@@ -164,6 +164,15 @@ class SearchSpace:
             if any(fnmatch.fnmatchcase(n, p) for p in self.include)
             and not any(fnmatch.fnmatchcase(n, p) for p in self.exclude)
         ]
+        for group in self.tie:
+            members = [n for n in chosen if self.group_of(n) == group]
+            choices = {n: self.knob_choices(n) for n in members}
+            if len({repr(c) for c in choices.values()}) > 1:
+                raise PlanError(
+                    f"space.tie.{group}: its layers {members} get different choices "
+                    "from space.overrides; a tie group shares one choice, so "
+                    "override all of its layers alike"
+                )
         if not chosen:
             raise PlanError(
                 "the search space is empty: include/exclude leave no layer; "

@@ -106,6 +106,14 @@ def test_bad_space_names_the_field_and_allowed_values(kwargs: dict, message: str
         ({"exclude": ("*",)}, "the search space is empty"),
         ({"overrides": {"head": {"w_bits": 8}}}, "space.overrides pattern 'head'"),
         ({"tie": {"g": ["zzz"]}}, "space.tie.g pattern 'zzz'"),
+        (
+            {
+                "w_bits": (4, 8),
+                "tie": {"g": ["layer1.*"]},
+                "overrides": {"layer1.0.conv1": {"w_bits": 8}},
+            },
+            "space.tie.g: its layers \\['layer1.0.conv1', 'layer1.0.conv2'\\] get different",
+        ),
     ],
 )
 def test_patterns_that_match_nothing_are_errors(kwargs: dict, message: str) -> None:
