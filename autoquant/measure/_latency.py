@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import platform
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -281,20 +282,34 @@ def get_backend(name: str) -> LatencyBackend:
 
 
 @lru_cache(maxsize=1)
-def hardware_id() -> str:
-    """CPU model and core count: latencies are only comparable on the same hardware."""
-    model = platform.processor() or platform.machine()
+def machine_info() -> dict[str, Any]:
+    """Platform, CPU model and logical core count of this machine.
+
+    Example:
+        >>> sorted(machine_info())
+        ['cores', 'cpu', 'platform', 'python']
+    """
+    cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
             for line in fh:
                 if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
+                    cpu = line.split(":", 1)[1].strip()
                     break
     except OSError:
         pass
-    import os
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+    }
 
-    return f"{model} x{os.cpu_count()}"
+
+def hardware_id() -> str:
+    """CPU model and core count: latencies are only comparable on the same hardware."""
+    info = machine_info()
+    return f"{info['cpu']} x{info['cores']}"
 
 
 def latency_key(

@@ -2,38 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import platform
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
+from autoquant.measure import machine_info
 from autoquant.report._tables import points_text
-
-
-def machine_info() -> dict[str, Any]:
-    """Platform, CPU model and logical core count of this machine.
-
-    Example:
-        >>> sorted(machine_info())
-        ['cores', 'cpu', 'platform', 'python']
-    """
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-    }
 
 
 def _fmt_seconds(s: float) -> str:

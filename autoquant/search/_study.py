@@ -47,7 +47,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages._heartbeat import is_heartbeat_enabled  # what Optuna itself checks
 from optuna.trial import FrozenTrial, TrialState
 
-from autoquant.measure import LatencyCache
+from autoquant.measure import LatencyCache, machine_info
 from autoquant.space import baseline_params
 from autoquant.tasks import TaskError
 from autoquant.train import NonFiniteLossError
@@ -460,6 +460,7 @@ def ensure_float_baseline(
             study.set_user_attr("layers", [vars(info) for info in ctx.layers])
             study.set_user_attr("task_info", _jsonable(getattr(ctx.task, "info", {}) or {}))
             study.set_user_attr("created", time.strftime("%Y-%m-%d %H:%M:%S"))
+            study.set_user_attr("machine", machine_info())  # where latency is measured
             enqueue_baselines(study, ctx, claims)
             study.set_user_attr("float_baseline", baseline)  # last: what waiting workers poll
         finally:
