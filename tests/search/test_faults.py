@@ -75,6 +75,48 @@ BAD_FILES = [
 ]
 
 
+# Cases written without the shared prefix.
+BAD_FILES += [
+    # (toml snippet appended or replacing, expected message parts)
+    (
+        "[study]\nname='t'\ntrails=3\n[task]\nname='x'",
+        ["unknown key(s) ['trails'] in [study]", "allowed keys: device, name"],
+    ),
+    (
+        "[study]\ntrials='many'\n[task]\nname='x'",
+        ["study.trials = 'many' is str", "expected an integer"],
+    ),
+    (
+        "[study]\nsampler='cma'\n[task]\nname='x'",
+        ["study.sampler = 'cma' is not allowed", "'tpe', 'nsga2', 'gp', 'random'"],
+    ),
+    (
+        "[task]\nname='x'\n[space]\nw_bits=[1, 8]",
+        ["[space]", "space.w_bits has 1", "allowed values: 2, 3"],
+    ),
+    ("[task]\nname='x'\n[space]\na_bits=[16]", ["space.a_bits has 16", "'fp16', 'fp32'"]),
+    ("[task]\nname='x'\n[space]\nw_bits=[]", ["space.w_bits is empty"]),
+    (
+        "[task]\nname='x'\n[constraint]\nmax_accuracy_drop=1.5",
+        ["constraint.max_accuracy_drop = 1.5 is outside [0, 1]"],
+    ),
+    ("[task]\nname='x'\n[constraint]\nmax_accuracy_drop=-0.1", ["outside [0, 1]"]),
+    ("[task]\nname='x'\n[qat]\nsteps='ten'", ["qat.steps = 'ten' is str"]),
+    (
+        "[task]\nname='x'\n[qat]\noptimizer='lion'",
+        ["qat.optimizer = 'lion' is not allowed", "'sgd', 'adam'"],
+    ),
+    (
+        "[task]\nname='x'\n[latency]\nbackend='tensorrt'",
+        ["latency.backend = 'tensorrt'", "'onnxruntime', 'torch-x86'"],
+    ),
+    ("[task]\nname='x'\n[objectives]\nuse=['size']", ["objectives.use"]),
+    ("[study]\nname='t'", ["missing [task]"]),
+    ("[task]\nname='x'\n[bogus]\na=1", ["unknown key(s) ['bogus'] in the top level"]),
+    ("[task\nname='x'", ["not valid TOML"]),
+]
+
+
 @pytest.mark.parametrize(("text", "parts"), BAD_FILES, ids=[b[1][0][:40] for b in BAD_FILES])
 def test_bad_study_file_names_file_key_and_allowed_values(
     tmp_path: Path, text: str, parts: list[str]
