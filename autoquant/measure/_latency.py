@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from autoquant.measure._cache import LatencyCache
 from autoquant.measure._deploy import graph_signature, plan_formats
-from autoquant.measure._timing import check_protocol, time_calls, torch_threads
+from autoquant.measure._timing import check_protocol, time_calls
+from autoquant.train import torch_threads
 from autoquant.transform import fold_batchnorm
 from autoquant.types import QuantPlan
 

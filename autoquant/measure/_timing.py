@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-
-import torch
 
 # A sample shorter than this is dominated by timer and loop overhead; such fast calls are
 # timed in groups ("inner" calls per sample) and the per-call mean is recorded.
@@ -94,14 +91,3 @@ def time_calls(
         if time.perf_counter() > deadline and len(samples) >= MIN_SAMPLES:
             break
     return Timing(samples_ms=tuple(samples), inner=inner)
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """Run torch on ``threads`` intra-op threads; restore the previous count on exit."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -25,7 +24,7 @@ from autoquant.tasks._files import (
 )
 from autoquant.tasks._models import CifarResNet, DigitsCNN, LeNet5
 from autoquant.tasks._task import Task, TensorSplits
-from autoquant.train import evaluate, qat_finetune
+from autoquant.train import evaluate, qat_finetune, torch_threads
 
 log = logging.getLogger("autoquant.tasks")
 
@@ -78,18 +77,6 @@ def _factory(cls: Callable[[], nn.Module], state: StateDict) -> Callable[[], nn.
         return model.eval()
 
     return make
-
-
-@contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    """Run with ``n`` intra-op threads. Tiny models train faster on one thread, and on a
-    loaded machine two spinning threads can be 10x slower (measured: 10 s vs 190 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _float_accuracy(task: Task, cache_name: str, config: dict[str, Any]) -> float:
@@ -175,7 +162,10 @@ def digits_cnn_task(
             torch.manual_seed(seed)
             model = DigitsCNN()
         steps = train_epochs * (len(train_idx) // 32)
-        with _torch_threads(1):  # also pins the float reduction order: same weights everywhere
+        # One thread: tiny models train faster (a loaded machine can make two spinning threads
+        # 10x slower), and it pins the float reduction order, so the weights are the same
+        # everywhere.
+        with torch_threads(1):
             qat_finetune(
                 model,
                 splits.train_batches(32, seed=seed),

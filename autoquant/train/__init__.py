@@ -20,6 +20,7 @@ from autoquant.train._loop import (
     NonFiniteLossError,
     evaluate,
     qat_finetune,
+    torch_threads,
 )
 
 __all__ = [
@@ -29,4 +30,5 @@ __all__ = [
     "NonFiniteLossError",
     "evaluate",
     "qat_finetune",
+    "torch_threads",
 ]

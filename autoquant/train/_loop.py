@@ -6,6 +6,7 @@ every ``requires_grad`` parameter of the model and knows nothing about quantizat
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -239,3 +240,20 @@ def evaluate(
     if total == 0:
         raise ValueError("evaluate got no samples: batches is empty")
     return correct / total
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run torch on ``threads`` intra-op threads; restore the previous count on exit.
+
+    Example:
+        >>> with torch_threads(1):
+        ...     torch.get_num_threads()
+        1
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from autoquant.measure._timing import Timing, check_protocol, time_calls, torch_threads
+from autoquant.measure._timing import Timing, check_protocol, time_calls
+from autoquant.train import torch_threads
 
 
 def test_stops_at_repeats_and_counts_warmup() -> None:
