@@ -231,7 +231,10 @@ class LayerPlan:
 class QuantPlan:
     """Fully-qualified module name → :class:`LayerPlan`, versioned.
 
-    Layers not in the plan stay float.
+    Layers not in the plan stay float. ``adds`` is the spec of the model's tensor + tensor adds
+    (residual connections): ``fp32`` keeps them float; an 8-bit per-tensor spec quantizes both
+    operands and the output (after a ReLU that follows the add), so the deployed graph can
+    run them as integer adds (ONNX Runtime's QLinearAdd).
 
     Example:
         >>> plan = QuantPlan.uniform(["conv", "fc"], QuantSpec(bits=8), QuantSpec(bits=8))
@@ -240,6 +243,7 @@ class QuantPlan:
     """
 
     layers: Mapping[str, LayerPlan] = field(default_factory=dict)
+    adds: QuantSpec = FP32
     version: int = PLAN_VERSION
 
     def __post_init__(self) -> None:
@@ -247,6 +251,15 @@ class QuantPlan:
             raise PlanError(
                 f"version={self.version!r} is not supported; allowed values: {PLAN_VERSION}"
             )
+        adds = QuantSpec.from_dict(self.adds) if isinstance(self.adds, Mapping) else self.adds
+        if not isinstance(adds, QuantSpec) or not (
+            adds.bits == "fp32" or (adds.bits == 8 and not adds.per_channel)
+        ):
+            raise PlanError(
+                f"QuantPlan.adds={self.adds!r} is not allowed; allowed values: "
+                "QuantSpec(bits='fp32') or an 8-bit per-tensor QuantSpec"
+            )
+        object.__setattr__(self, "adds", adds)
         if not isinstance(self.layers, Mapping):
             raise PlanError(f"QuantPlan.layers must be a mapping, got {type(self.layers).__name__}")
         layers: dict[str, LayerPlan] = {}
@@ -259,7 +272,11 @@ class QuantPlan:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, QuantPlan):
             return NotImplemented
-        return self.version == other.version and dict(self.layers) == dict(other.layers)
+        return (
+            self.version == other.version
+            and dict(self.layers) == dict(other.layers)
+            and self.adds == other.adds
+        )
 
     def __hash__(self) -> int:
         return hash(self.to_json())
@@ -268,22 +285,39 @@ class QuantPlan:
         return len(self.layers)
 
     @classmethod
-    def uniform(cls, names: Iterable[str], weight: QuantSpec, activation: QuantSpec) -> QuantPlan:
+    def uniform(
+        cls,
+        names: Iterable[str],
+        weight: QuantSpec,
+        activation: QuantSpec,
+        adds: QuantSpec = FP32,
+    ) -> QuantPlan:
         """The same :class:`LayerPlan` for every named layer."""
         lp = LayerPlan(weight=weight, activation=activation)
-        return cls({n: lp for n in names})
+        return cls({n: lp for n in names}, adds=adds)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "_version": self.version,
             "layers": {n: lp.to_dict() for n, lp in self.layers.items()},
+            "adds": self.adds.to_dict(),
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> QuantPlan:
         if not isinstance(data, Mapping) or "layers" not in data:
             raise PlanError("a QuantPlan dict needs the keys '_version' and 'layers'")
-        return cls(layers=data["layers"], version=data.get("_version", PLAN_VERSION))
+        unknown = sorted(set(data) - {"_version", "layers", "adds"})
+        if unknown:
+            raise PlanError(
+                f"unknown QuantPlan field(s) {unknown}; allowed fields: '_version', 'adds', "
+                "'layers'"
+            )
+        return cls(
+            layers=data["layers"],
+            adds=data.get("adds", FP32),  # plans written before adds existed: float adds
+            version=data.get("_version", PLAN_VERSION),
+        )
 
     def to_json(self, indent: int | None = None) -> str:
         return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
@@ -293,7 +327,8 @@ class QuantPlan:
         return cls.from_dict(json.loads(text))
 
     def summary(self) -> str:
-        """Compact per-layer bit summary, e.g. ``w8a8×3 w4a8×2``, in layer order runs."""
+        """Compact per-layer bit summary, e.g. ``w8a8×3 w4a8×2``, in layer order runs, then
+        ``add8a`` when the adds are quantized."""
         runs: list[list[Any]] = []
         for lp in self.layers.values():
             s = lp.short()
@@ -301,7 +336,8 @@ class QuantPlan:
                 runs[-1][1] += 1
             else:
                 runs.append([s, 1])
-        return " ".join(s if n == 1 else f"{s}×{n}" for s, n in runs)
+        text = " ".join(s if n == 1 else f"{s}×{n}" for s, n in runs)
+        return text if self.adds.is_float else f"{text} add{self.adds.short()}".strip()
 
 
 @dataclass(frozen=True)

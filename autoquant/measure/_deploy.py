@@ -21,16 +21,21 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from autoquant.quant import FakeQuantize, quantize
-from autoquant.transform import QuantizedLayer, fold_batchnorm, quantized_layers
+from autoquant.transform import (
+    QuantizedLayer,
+    fold_batchnorm,
+    quantized_layers,
+    strip_add_quantizers,
+)
 from autoquant.types import LayerPlan, PlanError, QuantPlan, QuantSpec
 
 _STORAGE_MIN = {"int8": -128, "uint8": 0}
@@ -191,10 +196,12 @@ def _float_type(module: nn.Module) -> type[nn.Module]:
 
 
 def architecture_hash(model: nn.Module) -> str:
-    """Hash of the model's module structure (FQNs, float types, shapes), not its values.
+    """Hash of the model's module structure (FQNs, float types, shapes of the leaf modules),
+    not its values.
 
-    Fake-quant wrappers count as their float module and their quantizers are skipped, so a
-    float model (BN-folded) and any fake-quant version of it hash the same.
+    Fake-quant wrappers count as their float module and quantizers are skipped, so a float
+    model (BN-folded) and any fake-quant version of it (also the ``torch.fx`` one of quantized
+    adds) hash the same.
 
     Example:
         >>> a = architecture_hash(nn.Sequential(nn.Linear(4, 2)))
@@ -208,6 +215,8 @@ def architecture_hash(model: nn.Module) -> str:
         if isinstance(module, FakeQuantize) or any(name.startswith(p) for p in skip):
             skip.append(name + ".")
             continue
+        if not isinstance(module, QuantizedLayer) and next(module.children(), None) is not None:
+            continue  # containers: a traced copy has other container types
         ftype = _float_type(module)
         rows.append([name, f"{ftype.__module__}.{ftype.__qualname__}", ftype.extra_repr(module)])
     text = json.dumps(rows, separators=(",", ":"))
@@ -232,8 +241,9 @@ def graph_signature(model: nn.Module, plan: QuantPlan | None) -> str:
 
     It covers the architecture (:func:`architecture_hash`) and each layer's kernel format
     (int8 vs float, per-tensor vs per-channel weight, int8 vs uint8 input, clamp for sub-8-bit
-    inputs). Calibration method, LSQ and weight bit widths below 8 do not change the kernel and
-    are not part of it. Backend, batch size and threads are added by the cache key.
+    inputs) and whether the adds are integer. Calibration method, LSQ and weight bit widths
+    below 8 do not change the kernel and are not part of it. Backend, batch size and threads
+    are added by the cache key.
 
     Example:
         >>> from autoquant.types import QuantSpec
@@ -248,6 +258,8 @@ def graph_signature(model: nn.Module, plan: QuantPlan | None) -> str:
         "arch": architecture_hash(model),
         "layers": {n: f.key() for n, f in sorted(formats.items())},
     }
+    if plan is not None and not plan.adds.is_float:
+        payload["adds"] = tensor_format(plan.adds, activation=True).key()
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
@@ -309,10 +321,16 @@ class DeployedLayer:
     act_fq: FakeQuantize  # the simulated input quantizer (for float-kernel fallbacks)
 
 
-def float_clone(model: nn.Module) -> nn.Module:
+def float_clone(model: nn.Module, mark: Callable[[str], nn.Module] | None = None) -> nn.Module:
     """A deep copy of ``model`` with every fake-quant wrapper back to its float module (same
-    folded weight and bias, no quantizers); BatchNorm left in the model is folded."""
+    folded weight and bias, no quantizers); BatchNorm left in the model is folded.
+
+    The quantizers of quantized adds are dropped, or replaced by ``mark(target)`` modules (see
+    :func:`autoquant.transform.strip_add_quantizers`).
+    """
     out = copy.deepcopy(model)
+    if isinstance(out, fx.GraphModule):
+        strip_add_quantizers(out, mark)
     for name, layer in quantized_layers(out).items():
         f = copy.copy(layer)
         f._parameters = dict(layer._parameters)
@@ -434,25 +452,40 @@ def uint8_qparams(lo: float, hi: float) -> IntQ:
 class Requant:
     """How an integer layer's output is quantized (integer kernels produce integer outputs).
 
-    ``mode`` is ``exact`` (the output reaches exactly one quantized layer through ops that
-    commute with quantization, so it is quantized straight onto that layer's input grid: no
-    extra rounding), ``calibrated`` (an 8-bit grid from the output range observed on the
+    ``mode`` is ``exact`` (every consumer the output reaches through ops that commute with
+    quantization reads it on one grid: a quantized layer's input grid, or the grid of a
+    quantized add's operand or output; the output is quantized straight onto it, which adds
+    no rounding), ``calibrated`` (an 8-bit grid from the output range observed on the
     calibration inputs: an extra, small rounding step the simulation does not have) or
-    ``float`` (no output quantization). ``after`` is the node the quantizer follows (the layer
-    itself, or a ReLU right after it for a calibrated ``[0, max]`` grid).
+    ``float`` (no output quantization). ``grid`` names the exact grid's qparams
+    (``<grid>_scale``); ``consumer`` is the layer whose input grid it is, if any.
+    ``after_relu``: the grid is applied after the ReLU that follows the layer (a calibrated
+    ``[0, max]`` grid, or an exact grid whose lowest code is 0).
     """
 
     mode: str
     q: IntQ | None = None
     consumer: str | None = None
     after_relu: bool = False
+    grid: str | None = None
 
     def describe(self, backend: str) -> str:
         if self.mode == "exact":
-            return f"{_act_storage(self.q.storage, backend)} on {self.consumer}'s input grid"
+            where = f"{self.consumer}'s input grid" if self.consumer else f"the {self.grid} grid"
+            return f"{_act_storage(self.q.storage, backend)} on {where}"
         if self.mode == "calibrated":
             return f"{_act_storage('uint8', backend)} (calibrated range)"
         return "float"
+
+
+def layer_grid(name: str) -> str:
+    """Grid id of a layer's input quantizer (the FQN of its ``act_fq``)."""
+    return f"{name}.act_fq"
+
+
+def grid_prefix(grid: str) -> str:
+    """Prefix of a grid's qparam names: ``conv.act_fq`` -> ``conv.act``, others unchanged."""
+    return grid[: -len("_fq")] if grid.endswith(".act_fq") else grid
 
 
 def plan_requant(
@@ -461,25 +494,33 @@ def plan_requant(
     ranges: Mapping[str, tuple[float, float]],
     *,
     float_output_ok: set[str],
+    grids: Mapping[str, IntQ] | None = None,
 ) -> dict[str, Requant]:
     """Choose each integer layer's output quantization.
 
     Args:
         layers: the deployed layers.
-        chains: per integer layer ``(consumer, starts_with_relu)``: ``consumer`` is the one
-            layer its output reaches through quantization-commuting ops, or None.
+        chains: per integer layer ``(grid, starts_with_relu)``: ``grid`` is the one grid id
+            (see :func:`layer_grid`) every consumer of its output reads, through
+            quantization-commuting ops, or None.
         ranges: observed output ranges (min, max) of each integer layer.
         float_output_ok: layers whose integer kernel may have a float output (ONNX Runtime's
             QGemm / MatMulIntegerToFloat): they get no calibrated requantization.
+        grids: integer grids other than the layers' input grids (quantized adds), by id.
     """
+    known = {layer_grid(n): dl.act_q for n, dl in layers.items() if dl.act_q is not None}
+    known.update(grids or {})
     out: dict[str, Requant] = {}
     for name, layer in layers.items():
         if not layer.format.int_kernel:
             continue
-        consumer, relu = chains.get(name, (None, False))
-        target = layers.get(consumer) if consumer else None
-        if target is not None and target.act_q is not None and target.act_q.axis is None:
-            out[name] = Requant("exact", target.act_q, consumer)
+        grid, relu = chains.get(name, (None, False))
+        q = known.get(grid) if grid else None
+        if q is not None and q.axis is None:
+            consumer = grid[: -len(".act_fq")] if grid.endswith(".act_fq") else None
+            # After a following ReLU when the grid starts at 0 (the ReLU is then implied).
+            after = relu and int(q.zero_point) == q.qmin
+            out[name] = Requant("exact", q, consumer, after, grid_prefix(grid))
         elif name in float_output_ok:
             out[name] = Requant("float")
         else:

@@ -20,6 +20,12 @@ Approach (graph surgery on a float export):
    Conv output gets an 8-bit grid from the output range seen on the calibration inputs (after a
    following ReLU when there is one), e.g. before a residual add; a Gemm/MatMul output stays
    float (QGemm / MatMulIntegerToFloat).
+4. Quantized adds (``plan.adds``): the float export carries ``autoquant::Mark`` nodes where the
+   fake-quant model calls an add's quantizer; each becomes ``QuantizeLinear ->
+   DequantizeLinear`` on that quantizer's grid. An operand already on a grid (e.g. a
+   shortcut's slice and zero pad) gets the same grid again after each op in between, and a
+   global average pool before a quantized layer gets that layer's input grid, so ONNX Runtime
+   runs them on integers (QLinearAdd, QLinearGlobalAveragePool).
 
 Weights below 8 bits are stored bit-packed in a sidecar (``weights.packed.npz``) next to the
 ONNX file and left out of it; :func:`load_onnx` restores the int8 initializers.
@@ -46,8 +52,11 @@ from autoquant.measure._deploy import (
     DeployedLayer,
     IntQ,
     Requant,
+    _intq,
     deployed_layers,
     float_clone,
+    grid_prefix,
+    layer_grid,
     output_ranges,
     plan_formats,
     plan_requant,
@@ -85,6 +94,38 @@ SIZE_ROLES = (
     "param",
 )
 _ROLES_KEY = "autoquant.tensor_roles"
+
+
+class _MarkFunction(torch.autograd.Function):
+    """Identity that exports as ``autoquant::Mark(name=...)`` (replaced before saving)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, name: str) -> Tensor:
+        return x.clone()
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, name: str) -> Any:
+        out = g.op("autoquant::Mark", x, name_s=name)
+        out.setType(x.type())
+        return out
+
+
+class _Mark(nn.Module):
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _MarkFunction.apply(x, self.name)
+
+
+def _marks(proto: Any) -> dict[int, tuple[Any, str]]:
+    """``id(node) -> (node, quantizer target)`` of the graph's Mark nodes."""
+    return {
+        id(n): (n, _attr(n, "name", b"").decode())
+        for n in proto.graph.node
+        if n.op_type == "Mark" and n.domain == "autoquant"
+    }
 
 
 @dataclass
@@ -229,31 +270,39 @@ def _consumers(graph: Any) -> dict[str, list[tuple[Any, int]]]:
     return out
 
 
-def layer_chains(proto: Any, nodes: Mapping[str, _LayerNode]) -> dict[str, tuple[str | None, bool]]:
-    """Per layer: the single layer its output reaches through commuting ops (or None), and
-    whether the output's only consumer is a ReLU."""
+def layer_chains(
+    proto: Any, nodes: Mapping[str, _LayerNode], marks: Mapping[int, tuple[Any, str]] | None = None
+) -> dict[str, tuple[str | None, bool]]:
+    """Per layer: the one grid (see :func:`~autoquant.measure.layer_grid`) that every consumer
+    of its output reads through commuting ops (or None), and whether the output's only
+    consumer is a ReLU. Consumers are layers (their input grid) and ``marks`` (an add's
+    quantizer)."""
     graph = proto.graph
     consumers = _consumers(graph)
     outputs = {o.name for o in graph.output}
     layer_of = {id(ln.node): name for name, ln in nodes.items()}
+    mark_of = {k: target for k, (_, target) in (marks or {}).items()}
     chains: dict[str, tuple[str | None, bool]] = {}
     for name, ln in nodes.items():
         t = ln.node.output[0]
         first = consumers.get(t, [])
         relu = len(first) == 1 and first[0][0].op_type == "Relu" and t not in outputs
-        target = None
-        while t not in outputs:
-            cons = consumers.get(t, [])
-            if len(cons) != 1:
-                break
-            node, idx = cons[0]
-            if id(node) in layer_of and idx == 0:
-                target = layer_of[id(node)]
-                break
-            if node.op_type not in _COMMUTING_OPS or idx != 0 or len(node.output) != 1:
-                break
-            t = node.output[0]
-        chains[name] = (target, relu)
+        grids: set[str] = set()
+        pending, ok = [t], True
+        while pending and ok:
+            t = pending.pop()
+            if t in outputs or not consumers.get(t):
+                ok = False
+            for node, idx in consumers.get(t, []):
+                if id(node) in layer_of and idx == 0:
+                    grids.add(layer_grid(layer_of[id(node)]))
+                elif id(node) in mark_of:
+                    grids.add(mark_of[id(node)])
+                elif node.op_type in _COMMUTING_OPS and idx == 0 and len(node.output) == 1:
+                    pending.append(node.output[0])
+                else:
+                    ok = False
+        chains[name] = (grids.pop() if ok and len(grids) == 1 else None, relu)
     return chains
 
 
@@ -339,9 +388,15 @@ def _weight_axis(ln: _LayerNode, axis: int | None) -> int | None:
 
 
 def _rewrite_layer(
-    ed: _Editor, name: str, ln: _LayerNode, fm_layer: nn.Module, dl: DeployedLayer | None
+    ed: _Editor,
+    name: str,
+    ln: _LayerNode,
+    fm_layer: nn.Module,
+    dl: DeployedLayer | None,
+    on_grid: Mapping[str, str],
 ) -> None:
-    """Weight and bias of one layer from the real model; QDQ around it when quantized."""
+    """Weight and bias of one layer from the real model; QDQ around it when quantized (not
+    on an input already on this layer's input grid, see :func:`_grids_of`)."""
     from onnx import TensorProto
 
     node = ln.node
@@ -382,6 +437,8 @@ def _rewrite_layer(
         ed.add("Cast", [x], [f"{name}.input_fp16"], to=TensorProto.FLOAT16)
         ed.add("Cast", [f"{name}.input_fp16"], [f"{name}.input_fp16_float"], to=TensorProto.FLOAT)
         node.input[0] = f"{name}.input_fp16_float"
+    elif dl.act_q is not None and on_grid.get(x) == f"{name}.act":
+        ed.qparams(f"{name}.act", dl.act_q, "act")  # the input is on this grid already
     elif dl.act_q is not None:
         q = dl.act_q
         if q.clip:
@@ -451,7 +508,7 @@ def _insert_requant(
     raw = f"{name}.output_float"
     producer.output[0] = raw
     if rq.mode == "exact":
-        s, z = f"{rq.consumer}.act_scale", f"{rq.consumer}.act_zero_point"
+        s, z = f"{rq.grid}_scale", f"{rq.grid}_zero_point"
     else:
         s, z = ed.qparams(f"{name}.output", rq.q)
     ed.qdq(raw, t, s, z, None)
@@ -459,10 +516,124 @@ def _insert_requant(
 
 def _requant_text(rq: Requant) -> str:
     return {
-        "exact": f"exact (onto {rq.consumer}'s input grid)",
+        "exact": f"exact (onto {rq.consumer}'s input grid)"
+        if rq.consumer
+        else f"exact (onto the {rq.grid} grid)",
         "calibrated": "calibrated uint8" + (" after ReLU" if rq.after_relu else ""),
         "float": "float",
     }[rq.mode]
+
+
+_GRID_KEEPING_OPS = _COMMUTING_OPS | {"Slice", "Pad"}
+_POOL_OPS = ("GlobalAveragePool", "AveragePool")
+
+
+def _producers(nodes: Iterable[Any]) -> dict[str, Any]:
+    return {t: n for n in nodes for t in n.output}
+
+
+def _requantize_output(ed: _Editor, node: Any, scale: str, zp: str) -> None:
+    """Quantize ``node``'s output onto a per-tensor grid, keeping the tensor's name."""
+    t = node.output[0]
+    node.output[0] = f"{t}_before_qdq"
+    ed.qdq(node.output[0], t, scale, zp, None)
+
+
+def _grids_of(nodes: list[Any], through_ops: bool = True) -> dict[str, str]:
+    """``{tensor: grid prefix}`` of the tensors on a per-tensor grid: DequantizeLinear outputs
+    and (``through_ops``) what reaches them through commuting ops."""
+    on = {
+        n.output[0]: n.input[1][: -len("_scale")]
+        for n in nodes
+        if n.op_type == "DequantizeLinear" and n.input[1].endswith("_scale") and not n.attribute
+    }
+    changed = through_ops
+    while changed:
+        changed = False
+        for n in nodes:
+            if n.op_type in _COMMUTING_OPS and n.input[0] in on and n.output[0] not in on:
+                on[n.output[0]] = on[n.input[0]]
+                changed = True
+    return on
+
+
+def _convert_marks(ed: _Editor, grids: Mapping[str, IntQ]) -> None:
+    """Replace each Mark by QuantizeLinear -> DequantizeLinear on its quantizer's grid, or by
+    an Identity when its input is on that grid already."""
+    on_grid = _grids_of(ed.nodes)
+    for node in [n for n in ed.nodes if n.op_type == "Mark" and n.domain == "autoquant"]:
+        target = _attr(node, "name", b"").decode()
+        shared = target.endswith(".act_fq")  # a layer's input grid: counted in the size
+        s, z = ed.qparams(grid_prefix(target), grids[target], "act" if shared else None)
+        ed.nodes.remove(node)
+        if on_grid.get(node.input[0]) == grid_prefix(target):
+            ed.add("Identity", [node.input[0]], [node.output[0]])
+        else:
+            ed.qdq(node.input[0], node.output[0], s, z, None)
+
+
+def _is_zero_pad(node: Any) -> bool:
+    return _attr(node, "mode", b"constant") in (b"constant", "constant") and (
+        len(node.input) < 3 or not node.input[2]
+    )
+
+
+def _quantize_add_operands(ed: _Editor) -> None:
+    """Give each operand of a quantized add (its output goes only to QuantizeLinear, possibly
+    through one ReLU) that reaches a DequantizeLinear through grid-keeping ops (a shortcut's
+    slice and zero pad) that grid again after each of those ops: exact, and ONNX Runtime
+    then runs the ops and the add on integers."""
+    consumers = _consumers_of(ed.nodes)
+    producers = _producers(ed.nodes)
+    for add in [n for n in ed.nodes if n.op_type == "Add" and len(n.input) == 2]:
+        out = add.output[0]
+        cons = consumers.get(out, [])
+        if len(cons) == 1 and cons[0].op_type == "Relu":
+            cons = consumers.get(cons[0].output[0], [])
+        if not cons or any(c.op_type != "QuantizeLinear" for c in cons):
+            continue
+        for t in add.input:
+            chain = []
+            p = producers.get(t)
+            while p is not None and p.op_type in _GRID_KEEPING_OPS and p.input:
+                if p.op_type == "Pad" and not _is_zero_pad(p):
+                    break
+                chain.append(p)
+                p = producers.get(p.input[0])
+            if not chain or p is None or p.op_type != "DequantizeLinear" or _attr(p, "axis", None):
+                continue
+            for node in chain:
+                _requantize_output(ed, node, p.input[1], p.input[2])
+
+
+def _quantize_pools(
+    ed: _Editor, layers: Mapping[str, DeployedLayer], nodes: Mapping[str, _LayerNode]
+) -> None:
+    """An average pool whose output reaches an integer layer through reshapes gets that
+    layer's input grid right after it (exact: reshapes commute), so it runs on integers."""
+    consumers = _consumers_of(ed.nodes)
+    producers = _producers(ed.nodes)
+    for name, dl in layers.items():
+        q = dl.act_q
+        if q is None or q.axis is not None or q.clip or not dl.format.int_kernel:
+            continue
+        t = nodes[name].node.input[0]
+        p = producers.get(t)
+        while p is not None and p.op_type in ("Flatten", "Reshape", "Squeeze", "Identity"):
+            if len(consumers.get(p.output[0], [])) != 1:
+                break
+            p = producers.get(p.input[0])
+        if p is not None and p.op_type in _POOL_OPS and len(consumers[p.output[0]]) == 1:
+            s, z = ed.qparams(f"{name}.act", q, "act")
+            _requantize_output(ed, p, s, z)
+
+
+def _consumers_of(nodes: Iterable[Any]) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {}
+    for node in nodes:
+        for t in node.input:
+            out.setdefault(t, []).append(node)
+    return out
 
 
 @dataclass
@@ -475,6 +646,7 @@ class Analysis:
     proto: Any  # the float export (placeholder weights)
     nodes: dict[str, _LayerNode]
     requant: dict[str, Requant]
+    grids: dict[str, IntQ] = field(default_factory=dict)  # quantized adds' grids, by target
 
 
 def analyse(
@@ -493,7 +665,7 @@ def analyse(
     """
     plan = plan or QuantPlan()
     layers = deployed_layers(model, plan)
-    fm = float_clone(model)
+    fm = float_clone(model, _Mark)
     marked = _placeholder_clone(fm)
     proto = export_float(marked, example_input)
     nodes = _find_layer_nodes(proto, marked, quantizable_names(fm))
@@ -509,13 +681,18 @@ def analyse(
             f"plan layer(s) {repeated} are called more than once in forward; "
             "deployment supports one call per quantized layer"
         )
-    chains = layer_chains(proto, {n: nodes[n] for n in layers})
+    marks = _marks(proto)
+    grids = {}
+    for _, target in marks.values():
+        fq = model.get_submodule(target)
+        grids[target] = _intq(fq, "uint8" if fq.qmin >= 0 else "int8", target)
+    chains = layer_chains(proto, {n: nodes[n] for n in layers}, marks)
     float_ok = {n for n in layers if nodes[n].node.op_type in float_output_ops}
     need = [n for n, dl in layers.items() if dl.format.int_kernel]
     inputs = [example_input] if calib_inputs is None else list(calib_inputs)
     ranges = output_ranges(model, need, inputs) if need else {}
-    requant = plan_requant(layers, chains, ranges, float_output_ok=float_ok)
-    return Analysis(plan, layers, fm, proto, nodes, requant)
+    requant = plan_requant(layers, chains, ranges, float_output_ok=float_ok, grids=grids)
+    return Analysis(plan, layers, fm, proto, nodes, requant, grids)
 
 
 @dataclass
@@ -548,10 +725,17 @@ def build_qdq(
     ed = _Editor(proto)
     consumers = _consumers(proto.graph)
     fm_modules = dict(fm.named_modules())
-    for name, ln in nodes.items():
-        _rewrite_layer(ed, name, ln, fm_modules[name], layers.get(name))
+    # Order matters: output grids first, so that a Mark or a layer input already on its grid
+    # gets no second QuantizeLinear (one grid per tensor, as ONNX Runtime fuses best).
     for name, rq in requant.items():
         _insert_requant(ed, name, nodes[name], rq, consumers)
+    _convert_marks(ed, an.grids)
+    _quantize_pools(ed, layers, nodes)
+    # Only a direct DequantizeLinear input: ONNX Runtime fuses DQ -> Flatten -> Gemm worse.
+    on_grid = _grids_of(ed.nodes, through_ops=False)
+    for name, ln in nodes.items():
+        _rewrite_layer(ed, name, ln, fm_modules[name], layers.get(name), on_grid)
+    _quantize_add_operands(ed)
     # Other parameters (e.g. a BatchNorm without a conv before it) keep their exported names.
     params = dict(fm.named_parameters())
     for init_name in list(ed.inits):

@@ -2,8 +2,10 @@
 
 Each integer layer becomes ``clamp (sub-8-bit inputs) -> quantize_per_tensor (quint8) ->
 quantized Conv/Linear (qint8 weights, x86 engine) -> dequantize``; the rest of the model runs
-unchanged in float. Output grids follow the same rules as the ONNX export (exact onto the next
-layer's input grid where possible, else a calibrated 8-bit grid; here also for a final Linear,
+unchanged in float (quantized adds too: a float add between fake-quant calls, the same values
+as the simulation, without an integer kernel). Output grids follow the same rules as the ONNX
+export (exact onto the next layer's input grid where possible, else a calibrated 8-bit grid;
+here also for a final Linear,
 since a quantized Linear always has an integer output). x86 kernels take quint8 inputs only: a
 symmetric int8 input grid runs as quint8 with its zero-point shifted by 128 (same values), and
 asymmetric uint8 weights as qint8 with zero-point ``Z - 128``. Layers without an integer kernel
@@ -21,10 +23,11 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from autoquant.measure._deploy import DeployedLayer, IntQ, Requant, plan_formats
 from autoquant.measure._onnx import analyse
+from autoquant.transform import strip_add_quantizers
 from autoquant.types import QuantPlan
 
 
@@ -200,6 +203,10 @@ def lower_with_notes(
     use_x86_engine()
     an = analyse(model, plan, example_input, calib_inputs)
     out = copy.deepcopy(model).eval()
+    if isinstance(out, fx.GraphModule):
+        # Quantized adds stay simulated (float add between fake-quant calls); their quantizers
+        # move out of the layers about to be replaced.
+        strip_add_quantizers(out, out.get_submodule)
     tails: dict[str, str] = {}
     with quiet_ao():
         for name, dl in an.layers.items():

@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+from autoquant.transform._adds import add_quantizers, quantize_adds, strip_add_quantizers
 from autoquant.transform._apply import (
     LayerInfo,
     apply_plan,
@@ -43,6 +44,7 @@ __all__ = [
     "QLinear",
     "QuantizedLayer",
     "SizeRow",
+    "add_quantizers",
     "apply_plan",
     "calibration",
     "check_plan",
@@ -54,7 +56,9 @@ __all__ = [
     "quantizable_layers",
     "quantizable_names",
     "quantizable_types",
+    "quantize_adds",
     "quantized_layers",
     "register_quantizable",
     "size_breakdown",
+    "strip_add_quantizers",
 ]

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from autoquant.quant import FakeQuantize
+from autoquant.transform._adds import quantize_adds
 from autoquant.transform._fold import _replace, fold_batchnorm_
 from autoquant.transform._registry import _REGISTRY, QuantizedLayer
 from autoquant.types import PlanError, QuantPlan
@@ -112,8 +113,10 @@ def apply_plan(model: nn.Module, plan: QuantPlan) -> nn.Module:
     every layer of the plan that is not fp32/fp32 replaced by its wrapper (``QConv2d``, ...),
     with weight and input-activation :class:`~autoquant.quant.FakeQuantize` modules, not yet
     calibrated (they pass values through until :func:`calibration`). Layers missing from the
-    plan, or fp32 for both tensors, stay float. Deterministic: same model and plan give the
-    same module structure.
+    plan, or fp32 for both tensors, stay float. When ``plan.adds`` is 8-bit, the residual adds
+    are quantized too and the copy is a ``torch.fx.GraphModule`` with the same submodule
+    names (see :func:`quantize_adds`). Deterministic: same model and plan give the same module
+    structure.
 
     Raises:
         PlanError: a plan layer name is not a quantizable layer of ``model`` (the message lists
@@ -140,6 +143,8 @@ def apply_plan(model: nn.Module, plan: QuantPlan) -> nn.Module:
                 f"layer {name!r} is already quantized; apply the plan to the float model"
             )
         _replace(out, name, _REGISTRY[type(module)].from_float(module, layer_plan))
+    if not plan.adds.is_float:
+        out, _ = quantize_adds(out, plan.adds)
     return out
 
 

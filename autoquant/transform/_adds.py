@@ -1,0 +1,247 @@
+"""Quantized residual adds: fake-quantize the operands and output of tensor + tensor adds.
+
+An integer add (ONNX Runtime's QLinearAdd) needs both operands and its output on integer
+grids. :func:`quantize_adds` traces the model with ``torch.fx`` and, for every add of two
+activation tensors, inserts :class:`~autoquant.quant.FakeQuantize` calls so that the
+simulation rounds exactly where the deployed graph will:
+
+* an operand that is already on a grid (it reaches back to a quantizer through ops that keep
+  the grid: slicing, zero padding, ReLU, max-pool, reshapes) is left alone; any other operand
+  gets a quantizer;
+* the output is quantized after the ReLU that follows the add, when there is one (a
+  ``[0, max]`` grid, and ONNX Runtime folds the ReLU into the integer add).
+
+A tensor has one grid, as in the deployed graph: when a tensor that gets a quantizer also
+feeds a quantized layer whose input is 8-bit per-tensor, the layer's own input quantizer is
+reused (called at both places; fake-quant is idempotent). Otherwise a new quantizer with the
+plan's ``adds`` spec is registered as ``<scope>.<add>.in<i>`` or ``<scope>.<add>.out``, e.g.
+``layer1.0.add.out``.
+"""
+
+from __future__ import annotations
+
+import operator
+import warnings
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from autoquant.quant import FakeQuantize
+from autoquant.transform._registry import QuantizedLayer
+from autoquant.types import QuantSpec
+
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_RELU_FUNCTIONS = {F.relu, torch.relu}
+# Ops after which a tensor is still on its input's grid (pure data movement, zero padding, or
+# monotone maps that keep zero at zero).
+_GRID_FUNCTIONS = {operator.getitem, torch.flatten, torch.reshape, F.max_pool2d, *_RELU_FUNCTIONS}
+_GRID_METHODS = {"flatten", "view", "reshape", "contiguous", "relu", "permute", "transpose"}
+_GRID_MODULES = (nn.Identity, nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, nn.Dropout)
+_NON_TENSOR_METHODS = {"size", "dim", "numel", "item", "tolist"}
+
+
+class _Tracer(fx.Tracer):
+    """Keeps fake-quant wrappers and quantizers as leaves."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (QuantizedLayer, FakeQuantize)) or super().is_leaf_module(m, qualname)
+
+
+def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    if node.op != "call_module":
+        return None
+    return gm.get_submodule(str(node.target))
+
+
+def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return (
+        (node.op == "call_function" and node.target in _RELU_FUNCTIONS)
+        or (node.op == "call_method" and node.target == "relu")
+        or isinstance(_module(gm, node), nn.ReLU)
+    )
+
+
+def _keeps_grid(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_function":
+        if node.target is F.pad:  # zero padding only: 0 is on every grid
+            mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
+            value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
+            return mode == "constant" and not value
+        return node.target in _GRID_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in _GRID_METHODS
+    return isinstance(_module(gm, node), _GRID_MODULES)
+
+
+def _is_tensor(node: object) -> bool:
+    """Whether an fx value is an activation tensor (not a shape, a constant or a parameter)."""
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op in ("placeholder", "call_module"):
+        return True
+    if node.op == "get_attr":
+        return False
+    if node.op == "call_method" and node.target in _NON_TENSOR_METHODS:
+        return False
+    if node.op == "call_function" and node.target is getattr:
+        return False
+    if node.op == "call_function" and node.target is operator.getitem:
+        return _is_tensor(node.args[0])
+    return any(_is_tensor(a) for a in node.all_input_nodes)
+
+
+def _is_quantizer(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return isinstance(_module(gm, node), FakeQuantize)
+
+
+def _source(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """Walk back through grid-keeping ops."""
+    while _keeps_grid(gm, node) and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def _reached(gm: fx.GraphModule, node: fx.Node) -> Iterator[fx.Node]:
+    """Nodes that read ``node`` directly or through grid-keeping ops."""
+    for user in node.users:
+        yield user
+        if _keeps_grid(gm, user):
+            yield from _reached(gm, user)
+
+
+def _shared_quantizer(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """The input quantizer of an 8-bit per-tensor quantized layer that reads ``node``."""
+    for user in _reached(gm, node):
+        layer = _module(gm, user)
+        if isinstance(layer, QuantizedLayer):
+            spec = layer.layer_plan.activation
+            if spec.bits == 8 and not spec.per_channel:
+                return f"{user.target}.act_fq"
+    return None
+
+
+def _add_name(node: fx.Node, counts: dict[str, int]) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    scope = next(reversed(stack)) if stack else ""
+    scope = scope if isinstance(scope, str) else ""
+    k = counts.get(scope, 0)
+    counts[scope] = k + 1
+    base = "add" if k == 0 else f"add_{k}"
+    return f"{scope}.{base}" if scope else base
+
+
+def _is_add(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
+        args = node.args[:2]
+    elif node.op == "call_method" and node.target == "add":
+        args = node.args[:2]
+    else:
+        return False
+    return (
+        len(args) == 2
+        and all(_is_tensor(a) for a in args)
+        and "alpha" not in node.kwargs
+        and len(node.args) == 2
+    )
+
+
+def quantize_adds(model: nn.Module, spec: QuantSpec) -> tuple[nn.Module, list[str]]:
+    """``model`` with its tensor + tensor adds fake-quantized per ``spec`` (see module doc).
+
+    Returns ``(module, add names)``. ``module`` is a ``torch.fx.GraphModule`` keeping the
+    submodule names of ``model`` when it has adds, else ``model`` itself. A model that
+    ``torch.fx`` cannot trace keeps float adds, with a warning.
+
+    Example:
+        >>> class Res(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.conv = nn.Conv2d(2, 2, 1)
+        ...     def forward(self, x):
+        ...         return torch.relu(self.conv(x) + x)
+        >>> q, names = quantize_adds(Res(), QuantSpec(bits=8, symmetric=False))
+        >>> names, sorted(n for n, m in q.named_modules() if isinstance(m, FakeQuantize))
+        (['add'], ['add.in0', 'add.in1', 'add.out'])
+    """
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as e:  # noqa: BLE001 - any tracing failure means "no adds found"
+        warnings.warn(
+            f"autoquant: {type(model).__name__} cannot be traced by torch.fx ({e}); its adds "
+            "stay float",
+            stacklevel=2,
+        )
+        return model, []
+    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    adds = [n for n in gm.graph.nodes if _is_add(n)]
+    if not adds:
+        return model, []
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    counts: dict[str, int] = {}
+    names = []
+
+    def quantizer(target_node: fx.Node, new_name: str) -> str:
+        shared = _shared_quantizer(gm, target_node)
+        if shared is not None:
+            return shared
+        gm.add_submodule(new_name, FakeQuantize(spec).to(device))
+        return new_name
+
+    for add in adds:
+        name = _add_name(add, counts)
+        names.append(name)
+        args = list(add.args)
+        for i, arg in enumerate(args):
+            src = _source(gm, arg)
+            if _is_quantizer(gm, src):
+                continue
+            target = quantizer(src, f"{name}.in{i}")
+            with gm.graph.inserting_before(add):
+                args[i] = gm.graph.call_module(target, (arg,))
+        add.args = tuple(args)
+        out = add
+        if len(add.users) == 1 and _is_relu(gm, next(iter(add.users))):
+            out = next(iter(add.users))
+        target = quantizer(out, f"{name}.out")
+        with gm.graph.inserting_after(out):
+            q = gm.graph.call_module(target, (out,))
+        out.replace_all_uses_with(q, delete_user_cb=lambda user, q=q: user is not q)
+    gm.recompile()
+    return gm, names
+
+
+def add_quantizers(model: nn.Module) -> dict[str, FakeQuantize]:
+    """Quantizer calls that :func:`quantize_adds` inserted in ``model``'s graph, by target
+    (shared ones under their layer's name, e.g. ``layer1.1.conv1.act_fq``); empty for a model
+    without quantized adds."""
+    if not isinstance(model, fx.GraphModule):
+        return {}
+    out = {}
+    for node in model.graph.nodes:
+        mod = _module(model, node)
+        if isinstance(mod, FakeQuantize):
+            out[str(node.target)] = mod
+    return out
+
+
+def strip_add_quantizers(
+    model: fx.GraphModule, mark: Callable[[str], nn.Module] | None = None
+) -> None:
+    """Remove the quantizer calls of :func:`quantize_adds` from ``model``'s graph, in place, or
+    with ``mark``, call ``mark(target)`` modules in their place (registered as
+    ``_aq_mark<i>``). Used to build the float or deployed twin of a quantized model."""
+    for i, node in enumerate(list(model.graph.nodes)):
+        if not _is_quantizer(model, node):
+            continue
+        if mark is None:
+            node.replace_all_uses_with(node.args[0])
+            model.graph.erase_node(node)
+        else:
+            new = f"_aq_mark{i}"
+            model.add_submodule(new, mark(str(node.target)))
+            node.target = new
+    model.graph.lint()
+    model.recompile()
+    model.delete_all_unused_submodules()
