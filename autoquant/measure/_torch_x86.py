@@ -5,8 +5,7 @@ quantized Conv/Linear (qint8 weights, x86 engine) -> dequantize``; the rest of t
 unchanged in float (quantized adds too: a float add between fake-quant calls, the same values
 as the simulation, without an integer kernel). Output grids follow the same rules as the ONNX
 export (exact onto the next layer's input grid where possible, else a calibrated 8-bit grid;
-here also for a final Linear,
-since a quantized Linear always has an integer output). x86 kernels take quint8 inputs only: a
+here also for a final Linear, since a quantized Linear always has an integer output). x86 kernels take quint8 inputs only: a
 symmetric int8 input grid runs as quint8 with its zero-point shifted by 128 (same values), and
 asymmetric uint8 weights as qint8 with zero-point ``Z - 128``. Layers without an integer kernel
 (float weight or input, per-channel input) run float with their quantization simulated.

@@ -88,8 +88,20 @@ def test_lenet5_deployed_matches_simulated(plan_fn: object) -> None:
     _check(task, plan_fn, task.eval_batches())
 
 
+def _with_int8_adds(plan_fn: object) -> object:
+    def make(names: list[str]) -> QuantPlan:
+        plan = plan_fn(names)  # type: ignore[operator]
+        return QuantPlan(plan.layers, adds=QuantSpec(bits=8, symmetric=False))
+
+    return make
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("plan_fn", [_w8a8, _mixed], ids=["w8a8", "mixed"])
+@pytest.mark.parametrize(
+    "plan_fn",
+    [_w8a8, _mixed, _with_int8_adds(_w8a8), _with_int8_adds(_mixed)],
+    ids=["w8a8", "mixed", "w8a8-int8-adds", "mixed-int8-adds"],
+)
 def test_resnet20_deployed_matches_simulated(plan_fn: object) -> None:
     task = get_task("cifar10-resnet20", eval_size=2000, finetune_epochs=0)
     _check(task, plan_fn, task.eval_batches())
