@@ -31,6 +31,9 @@ KNOBS: dict[str, tuple[str, str, tuple[Any, ...]]] = {
 }
 
 
+ADD_CHOICES = ("int8", "fp32")
+
+
 class ChoiceTrial(Protocol):
     """The part of :class:`optuna.trial.BaseTrial` the space needs (``FixedTrial`` works too)."""
 
@@ -71,7 +74,9 @@ class SearchSpace:
     choice. ``overrides`` maps a pattern to knob values (a scalar fixes the knob, a list
     narrows it), e.g. ``{"conv1": {"w_bits": 8}}`` keeps the first layer at 8 bits.
     ``lr`` (a ``(low, high)`` log range) and ``qat_steps`` (choices) make QAT
-    hyperparameters part of the search.
+    hyperparameters part of the search. ``adds`` chooses how the model's residual adds run:
+    ``"int8"`` (8-bit asymmetric, calibrated like the activations: an integer add when
+    deployed) or ``"fp32"``; with both, the search picks (parameter ``adds``).
 
     Example:
         >>> space = SearchSpace(w_bits=(4, 8), overrides={"fc": {"w_bits": 8}})
@@ -95,6 +100,7 @@ class SearchSpace:
     qat_steps: tuple[int, ...] | None = None
     percentile: float = 99.99
     learned_scale: bool = False
+    adds: tuple[str, ...] = ("int8",)
 
     def __post_init__(self) -> None:
         for name in KNOBS:
@@ -126,6 +132,13 @@ class SearchSpace:
                 _check_choices(knob, _as_tuple(value, f"overrides.{pattern}.{knob}"))
             overrides[str(pattern)] = MappingProxyType(dict(knobs))
         object.__setattr__(self, "overrides", MappingProxyType(overrides))
+        adds = _as_tuple(self.adds, "adds")
+        bad = [a for a in adds if a not in ADD_CHOICES]
+        if bad:
+            raise PlanError(
+                f"space.adds has {bad[0]!r}; allowed values: {', '.join(map(repr, ADD_CHOICES))}"
+            )
+        object.__setattr__(self, "adds", tuple(dict.fromkeys(adds)))
         if self.lr is not None:
             lo, hi = (float(v) for v in self.lr)
             if not 0 < lo <= hi:
@@ -207,7 +220,21 @@ class SearchSpace:
                 name = f"{prefix}/{knob}"
                 if len(values) > 1 and name not in names:
                     names.append(name)
+        if len(self.adds) > 1:
+            names.append("adds")
         return names
+
+    def adds_spec(self, choice: str) -> QuantSpec:
+        """The :attr:`QuantPlan.adds <autoquant.types.QuantPlan>` spec of an ``adds`` choice."""
+        if choice == "fp32":
+            return QuantSpec(bits="fp32")
+        return QuantSpec(
+            bits=8,
+            symmetric=False,
+            calibration=self.a_calib[0],
+            percentile=self.percentile,
+            learned_scale=self.learned_scale,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -264,7 +291,12 @@ def plan_from_trial(
             weight=QuantSpec(**specs["weight"], **extra, axis=0),
             activation=QuantSpec(**specs["activation"], **extra, axis=1),
         )
-    return QuantPlan(layers)
+    adds = (
+        space.adds[0]
+        if len(space.adds) == 1
+        else trial.suggest_categorical("adds", list(space.adds))
+    )
+    return QuantPlan(layers, adds=space.adds_spec(adds))
 
 
 def qat_params_from_trial(
@@ -306,4 +338,6 @@ def baseline_params(
             params[f"{prefix}/{knob}"] = value
     if space.qat_steps is not None and len(space.qat_steps) > 1:
         params["qat/steps"] = space.qat_steps[0]
+    if len(space.adds) > 1:
+        params["adds"] = "int8"
     return params

@@ -120,3 +120,26 @@ def test_patterns_that_match_nothing_are_errors(kwargs: dict, message: str) -> N
     with pytest.raises(PlanError, match=message) as info:
         SearchSpace(**kwargs).select(LAYERS)
     assert "conv1" in str(info.value) or "empty" in str(info.value)
+
+
+def test_adds_default_to_int8_and_can_be_searched() -> None:
+    plan, params = _sample(SearchSpace(a_calib=("percentile",), percentile=99.9))
+    assert (plan.adds.bits, plan.adds.symmetric, plan.adds.calibration.value) == (
+        8,
+        False,
+        "percentile",
+    )
+    assert plan.adds.percentile == 99.9 and "adds" not in params
+    assert _sample(SearchSpace(adds="fp32"))[0].adds.is_float
+    space = SearchSpace(adds=("int8", "fp32"))
+    assert space.param_names(LAYERS)[-1] == "adds"
+    seen = {_sample(space, seed)[0].adds.is_float for seed in range(8)}
+    assert seen == {True, False}
+    fixed = optuna.trial.FixedTrial({**baseline_params(space, LAYERS, 8, 8), "adds": "fp32"})
+    assert plan_from_trial(fixed, space, LAYERS).adds.is_float
+    assert baseline_params(space, LAYERS, 8, 8)["adds"] == "int8"
+
+
+def test_bad_adds_choice_names_the_allowed_values() -> None:
+    with pytest.raises(PlanError, match=r"space.adds has 'int4'; allowed values: 'int8', 'fp32'"):
+        SearchSpace(adds=("int8", "int4"))
