@@ -251,14 +251,15 @@ class QuantPlan:
             raise PlanError(
                 f"version={self.version!r} is not supported; allowed values: {PLAN_VERSION}"
             )
-        adds = QuantSpec.from_dict(self.adds) if isinstance(self.adds, Mapping) else self.adds
+        allowed = "allowed values: QuantSpec(bits='fp32') or an 8-bit per-tensor QuantSpec"
+        try:
+            adds = QuantSpec.from_dict(self.adds) if isinstance(self.adds, Mapping) else self.adds
+        except PlanError as e:
+            raise PlanError(f"QuantPlan.adds: {e}; {allowed}") from None
         if not isinstance(adds, QuantSpec) or not (
             adds.bits == "fp32" or (adds.bits == 8 and not adds.per_channel)
         ):
-            raise PlanError(
-                f"QuantPlan.adds={self.adds!r} is not allowed; allowed values: "
-                "QuantSpec(bits='fp32') or an 8-bit per-tensor QuantSpec"
-            )
+            raise PlanError(f"QuantPlan.adds={self.adds!r} is not allowed; {allowed}")
         object.__setattr__(self, "adds", adds)
         if not isinstance(self.layers, Mapping):
             raise PlanError(f"QuantPlan.layers must be a mapping, got {type(self.layers).__name__}")

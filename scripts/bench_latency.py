@@ -2,8 +2,9 @@
 """Latency benchmark of the deployment backends (ONNX Runtime QDQ, torch x86 int8).
 
 For ResNet-20 (CIFAR shape) and the digits CNN, at each batch size, in one run: float32
-latency, uniform int8 latency (w8 per-channel, a8 asymmetric), the speed-up, and one mixed
-plan, for each backend; then the spread of repeated measurements of one artifact (coefficient
+latency, uniform int8 latency (w8 per-channel, a8 asymmetric, residual adds int8; and the same
+with float adds), the speed-ups, and one mixed plan, for each backend, in interleaved rounds;
+then the spread of repeated measurements of one artifact (coefficient
 of variation of the medians of independent measurement runs), and the share of a trial's time
 that latency measurement takes with a cold and a warm cache.
 
@@ -32,6 +33,7 @@ from autoquant.types import LayerPlan, QuantPlan, QuantSpec
 
 BACKENDS = ("onnxruntime", "torch-x86")
 INT8 = LayerPlan(QuantSpec(bits=8, granularity="per_channel"), QuantSpec(bits=8, symmetric=False))
+INT8_ADDS = QuantSpec(bits=8, symmetric=False)
 
 
 def _models() -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]]:
@@ -55,7 +57,7 @@ def mixed_plan(names: list[str]) -> QuantPlan:
     layers = {n: cycle[i % 3] for i, n in enumerate(names)}
     layers[names[0]] = layers[names[-1]] = INT8
     layers[names[len(names) // 2]] = LayerPlan()  # fp32
-    return QuantPlan(layers)
+    return QuantPlan(layers, adds=INT8_ADDS)
 
 
 def calibrated(model: nn.Module, plan: QuantPlan, shape: tuple[int, ...]) -> nn.Module:
@@ -70,34 +72,46 @@ def bench_speedups(args: argparse.Namespace) -> None:
         threads=args.threads, warmup=args.warmup, repeats=args.repeats, budget_s=args.budget
     )
     print(
-        f"== latency (ms, median ± IQR), threads={args.threads}, batch sizes "
-        f"{args.batch_sizes}, warmup={args.warmup}, repeats<={args.repeats}, "
-        f"budget={args.budget}s per point"
+        f"== latency (ms, median of {args.rounds} interleaved rounds; IQR of the last round), "
+        f"threads={args.threads}, batch sizes {args.batch_sizes}, warmup={args.warmup}, "
+        f"repeats<={args.repeats}, budget={args.budget}s per point and round"
     )
     for model_name, (factory, shape) in _models().items():
         torch.manual_seed(0)
         model = factory().eval()
         x = torch.randn(1, *shape)
         names = [i.name for i in quantizable_layers(model, x)]
-        plans = {"int8": QuantPlan({n: INT8 for n in names}), "mixed": mixed_plan(names)}
-        qmodels = {k: calibrated(model, p, shape) for k, p in plans.items()}
+        plans = {
+            "fp32": None,
+            "int8 float-adds": QuantPlan({n: INT8 for n in names}),
+            "int8": QuantPlan({n: INT8 for n in names}, adds=INT8_ADDS),
+            "mixed": mixed_plan(names),
+        }
+        qmodels = {k: model if p is None else calibrated(model, p, shape) for k, p in plans.items()}
         print(f"\n{model_name}: {len(names)} layers; mixed plan = {plans['mixed'].summary()}")
         for backend in BACKENDS:
-            fl = measure_latencies(model, None, x, args.batch_sizes, backend=backend, **proto)
-            i8 = measure_latencies(
-                qmodels["int8"], plans["int8"], x, args.batch_sizes, backend=backend, **proto
-            )
-            mx = measure_latencies(
-                qmodels["mixed"], plans["mixed"], x, args.batch_sizes, backend=backend, **proto
-            )
-            for f, i, m in zip(fl, i8, mx, strict=True):
-                print(
-                    f"  {backend:12s} b={f.batch_size:<3d} fp32 {f.median_ms:8.3f} ± "
-                    f"{f.iqr_ms:6.3f}   int8 {i.median_ms:8.3f} ± {i.iqr_ms:6.3f}   "
-                    f"speed-up {f.median_ms / i.median_ms:5.2f}x   mixed {m.median_ms:8.3f}"
-                    f" ± {m.iqr_ms:6.3f} ({f.median_ms / m.median_ms:4.2f}x)"
-                )
-            print(f"  {backend:12s} int8 kernels: {i8[0].kernels}; float: {fl[0].kernels}")
+            rounds: dict[str, list] = {k: [] for k in plans}
+            for _ in range(args.rounds):  # interleaved: drift on a shared machine hits all
+                for k, plan in plans.items():
+                    rounds[k].append(
+                        measure_latencies(
+                            qmodels[k], plan, x, args.batch_sizes, backend=backend, **proto
+                        )
+                    )
+            for b, batch in enumerate(args.batch_sizes):
+                fp32 = [r[b].median_ms for r in rounds["fp32"]]
+                row = f"  {backend:12s} b={batch:<3d} fp32 {statistics.median(fp32):7.3f}"
+                for k in ("int8 float-adds", "int8", "mixed"):
+                    ms = [r[b].median_ms for r in rounds[k]]
+                    ratio = statistics.median(f / m for f, m in zip(fp32, ms, strict=True))
+                    row += (
+                        f" | {k} {statistics.median(ms):7.3f} ±{rounds[k][-1][b].iqr_ms:6.3f}"
+                        f" ({ratio:4.2f}x)"
+                    )
+                print(row)
+            for k in ("int8 float-adds", "int8"):
+                print(f"  {backend:12s} {k} kernels: {rounds[k][0][0].kernels}")
+            print(f"  {backend:12s} fp32 kernels: {rounds['fp32'][0][0].kernels}")
 
 
 def bench_spread(args: argparse.Namespace) -> None:
@@ -109,7 +123,7 @@ def bench_spread(args: argparse.Namespace) -> None:
     model = CifarResNet(20).eval()
     x = torch.randn(1, 3, 32, 32)
     names = [i.name for i in quantizable_layers(model, x)]
-    plan = QuantPlan({n: INT8 for n in names})
+    plan = QuantPlan({n: INT8 for n in names}, adds=INT8_ADDS)
     q = calibrated(model, plan, (3, 32, 32))
     for backend in BACKENDS:
         impl = get_backend(backend)
@@ -181,6 +195,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=100)
     parser.add_argument("--budget", type=float, default=3.0)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip", nargs="*", default=[], choices=["speedups", "spread", "cache"])
     args = parser.parse_args()
     t0 = time.perf_counter()

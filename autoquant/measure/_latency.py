@@ -183,6 +183,8 @@ _KERNEL_OPS = frozenset(
         "QGemm",
         "MatMulInteger",
         "MatMulIntegerToFloat",
+        "QLinearAdd",
+        "QLinearGlobalAveragePool",
         "ConvInteger",
         "DynamicQuantizeMatMul",
         "Conv",

@@ -2,13 +2,14 @@
 
 Each integer layer becomes ``clamp (sub-8-bit inputs) -> quantize_per_tensor (quint8) ->
 quantized Conv/Linear (qint8 weights, x86 engine) -> dequantize``; the rest of the model runs
-unchanged in float (quantized adds too: a float add between fake-quant calls, the same values
-as the simulation, without an integer kernel). Output grids follow the same rules as the ONNX
-export (exact onto the next layer's input grid where possible, else a calibrated 8-bit grid;
-here also for a final Linear, since a quantized Linear always has an integer output). x86 kernels take quint8 inputs only: a
-symmetric int8 input grid runs as quint8 with its zero-point shifted by 128 (same values), and
-asymmetric uint8 weights as qint8 with zero-point ``Z - 128``. Layers without an integer kernel
-(float weight or input, per-channel input) run float with their quantization simulated.
+unchanged in float, except quantized adds (``plan.adds``), which run as ``quantized::add`` /
+``add_relu`` on quint8 operands. Output grids follow the same rules as the ONNX export (exact
+onto the next layer's input grid where possible, else a calibrated 8-bit grid; here also for a
+final Linear, since a quantized Linear always has an integer output). x86 kernels take quint8
+inputs only: a symmetric int8 input grid runs as quint8 with its zero-point shifted by 128
+(same values), and asymmetric uint8 weights as qint8 with zero-point ``Z - 128``. Layers without
+an integer kernel (float weight or input, per-channel input) run float with their quantization
+simulated.
 
 ``torch.ao.quantization`` is deprecated in torch 2.x; its warnings are silenced here.
 """
@@ -17,15 +18,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import operator
 import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from autoquant.measure._deploy import DeployedLayer, IntQ, Requant, plan_formats
+from autoquant.measure._deploy import DeployedLayer, IntQ, Requant, _intq, plan_formats
 from autoquant.measure._onnx import analyse
+from autoquant.quant import FakeQuantize
 from autoquant.transform import strip_add_quantizers
 from autoquant.types import QuantPlan
 
@@ -73,6 +77,8 @@ class IntKernelLayer(nn.Module):
         self.emit_quantized = False
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.is_quantized and (x.q_scale(), x.q_zero_point()) != (self.scale, self.zero_point):
+            x = x.dequantize()  # on another grid (e.g. a quantized add's output)
         if not x.is_quantized:
             if self.clip is not None:
                 x = x.clamp(*self.clip)
@@ -85,6 +91,80 @@ class IntKernelLayer(nn.Module):
             f"in_scale={self.scale:.4g}, in_zero_point={self.zero_point}, "
             f"emit_quantized={self.emit_quantized}"
         )
+
+
+class QuantizeTo(nn.Module):
+    """Puts a tensor on one quint8 grid (an operand or the output of a quantized add).
+
+    Disabled (``integer=False``), it fake-quantizes in float instead (same values).
+    """
+
+    def __init__(self, q: IntQ) -> None:
+        super().__init__()
+        self.scale, self.zero_point = _quint8(q)
+        self.integer = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.is_quantized:
+            if (x.q_scale(), x.q_zero_point()) == (self.scale, self.zero_point):
+                return x
+            x = x.dequantize()
+        y = torch.quantize_per_tensor(x, self.scale, self.zero_point, torch.quint8)
+        return y if self.integer else y.dequantize()
+
+
+class QuantizedAdd(nn.Module):
+    """``quantized::add`` (or ``add_relu``) of two quint8 tensors onto the output grid."""
+
+    def __init__(self, q: IntQ, relu: bool) -> None:
+        super().__init__()
+        self.scale, self.zero_point = _quint8(q)
+        self.relu = relu
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        if not (a.is_quantized and b.is_quantized):  # a float fallback upstream
+            a = a.dequantize() if a.is_quantized else a
+            b = b.dequantize() if b.is_quantized else b
+            return torch.relu(a + b) if self.relu else a + b
+        op = torch.ops.quantized.add_relu if self.relu else torch.ops.quantized.add
+        return op(a, b, self.scale, self.zero_point)
+
+
+def _lower_adds(gm: fx.GraphModule) -> None:
+    """Quantizer calls become :class:`QuantizeTo` and each add between them a
+    :class:`QuantizedAdd` (see :func:`autoquant.transform.quantize_adds`)."""
+    graph = gm.graph
+    grids: dict[fx.Node, IntQ] = {}
+    for node in graph.nodes:
+        fq = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+        if isinstance(fq, FakeQuantize):
+            q = _intq(fq, "uint8" if fq.qmin >= 0 else "int8", str(node.target))
+            gm.add_submodule(str(node.target), QuantizeTo(q))
+            grids[node] = q
+    count = 0
+    for node in list(graph.nodes):
+        if not (node.op == "call_function" and node.target in (operator.add, torch.add)):
+            continue
+        out, relu = node, False
+        if len(node.users) == 1:
+            user = next(iter(node.users))
+            mod = gm.get_submodule(str(user.target)) if user.op == "call_module" else None
+            if isinstance(mod, nn.ReLU) or (
+                user.op == "call_function" and user.target in (torch.relu, F.relu)
+            ):
+                out, relu = user, True
+        quantizer = next(iter(out.users)) if len(out.users) == 1 else None
+        if quantizer not in grids or len(node.args) != 2 or node.kwargs:
+            continue
+        name = f"_aq_add{count}"
+        gm.add_submodule(name, QuantizedAdd(grids[quantizer], relu))
+        with graph.inserting_before(node):
+            new = graph.call_module(name, tuple(node.args))
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        count += 1
+    graph.lint()
+    gm.recompile()
 
 
 class SimulatedLayer(nn.Module):
@@ -203,9 +283,9 @@ def lower_with_notes(
     an = analyse(model, plan, example_input, calib_inputs)
     out = copy.deepcopy(model).eval()
     if isinstance(out, fx.GraphModule):
-        # Quantized adds stay simulated (float add between fake-quant calls); their quantizers
-        # move out of the layers about to be replaced.
+        # The adds' quantizers move out of the layers about to be replaced.
         strip_add_quantizers(out, out.get_submodule)
+        _lower_adds(out)
     tails: dict[str, str] = {}
     with quiet_ao():
         for name, dl in an.layers.items():
@@ -233,6 +313,8 @@ def lower_with_notes(
                 for m in out.modules():
                     if isinstance(m, IntKernelLayer):
                         m.emit_quantized = False
+                    if isinstance(m, QuantizeTo):
+                        m.integer = False
                 out(example_input)
     for name, m in out.named_modules():
         if isinstance(m, IntKernelLayer) and m.emit_quantized:
@@ -247,20 +329,23 @@ def _keep_runs_quantized(module: nn.Module, requant: dict[str, Requant]) -> None
         if (
             rq.mode == "exact"
             and isinstance(producer, IntKernelLayer)
-            and isinstance(consumer, IntKernelLayer)
-            and consumer.clip is None
+            and (rq.consumer is None or isinstance(consumer, IntKernelLayer))
+            and getattr(consumer, "clip", None) is None
         ):
-            producer.emit_quantized = True
+            producer.emit_quantized = True  # onto a layer's input grid or a quantized add's
 
 
 def kernel_counts(module: nn.Module) -> dict[str, int]:
-    """How many layers run on x86 int8 kernels and how many are simulated in float."""
+    """How many layers (and adds) run on x86 int8 kernels and how many are simulated in
+    float."""
     counts: dict[str, int] = {}
     for m in module.modules():
         if isinstance(m, IntKernelLayer):
             key = "int8:" + type(m.qlayer).__name__
         elif isinstance(m, SimulatedLayer):
             key = "float:" + type(m.layer).__name__
+        elif isinstance(m, QuantizedAdd):
+            key = "int8:add"
         else:
             continue
         counts[key] = counts.get(key, 0) + 1

@@ -49,6 +49,24 @@ class _Tracer(fx.Tracer):
         return isinstance(m, (QuantizedLayer, FakeQuantize)) or super().is_leaf_module(m, qualname)
 
 
+def _trace(model: nn.Module) -> fx.Graph:
+    """The model's graph; raises when it depends on train/eval mode (``self.training`` is
+    frozen into a traced graph, so dropout would stay on, or off, for good)."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        graphs = []
+        for training in (True, False):
+            model.train(training)
+            graph = _Tracer().trace(model)
+            graphs.append((graph, graph.python_code("self").src))
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    if graphs[0][1] != graphs[1][1]:
+        raise RuntimeError("forward depends on train/eval mode")
+    return graphs[1][0]
+
+
 def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     if node.op != "call_module":
         return None
@@ -152,7 +170,8 @@ def quantize_adds(model: nn.Module, spec: QuantSpec) -> tuple[nn.Module, list[st
 
     Returns ``(module, add names)``. ``module`` is a ``torch.fx.GraphModule`` keeping the
     submodule names of ``model`` when it has adds, else ``model`` itself. A model that
-    ``torch.fx`` cannot trace keeps float adds, with a warning.
+    ``torch.fx`` cannot trace, or whose traced graph depends on train/eval mode (e.g.
+    ``F.dropout(x, training=self.training)``), keeps float adds, with a warning.
 
     Example:
         >>> class Res(nn.Module):
@@ -166,7 +185,7 @@ def quantize_adds(model: nn.Module, spec: QuantSpec) -> tuple[nn.Module, list[st
         (['add'], ['add.in0', 'add.in1', 'add.out'])
     """
     try:
-        graph = _Tracer().trace(model)
+        graph = _trace(model)
     except Exception as e:  # noqa: BLE001 - any tracing failure means "no adds found"
         warnings.warn(
             f"autoquant: {type(model).__name__} cannot be traced by torch.fx ({e}); its adds "
