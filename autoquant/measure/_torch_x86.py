@@ -143,7 +143,9 @@ def _lower_adds(gm: fx.GraphModule) -> None:
             grids[node] = q
     count = 0
     for node in list(graph.nodes):
-        if not (node.op == "call_function" and node.target in (operator.add, torch.add)):
+        if not (
+            node.op == "call_function" and node.target in (operator.add, operator.iadd, torch.add)
+        ):
             continue
         out, relu = node, False
         if len(node.users) == 1:

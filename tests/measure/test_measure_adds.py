@@ -176,3 +176,29 @@ def test_sub_8_bit_consumer_gets_its_own_clipped_grid(tmp_path: Path) -> None:
     out = run_onnx(ort_session(path), x)
     assert np.abs(out - ref).max() <= 0.05 * np.abs(ref).max()
     assert fused_op_types(path)["QLinearAdd"] == 3
+
+
+class _InplaceRes(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        y += x  # operator.iadd
+        return self.fc(torch.relu(y).flatten(1))
+
+
+def test_in_place_add_runs_as_an_integer_add_on_both_backends(tmp_path: Path) -> None:
+    plan = QuantPlan(w8a8(["conv", "fc"]).layers, adds=INT8_ADDS)
+    q = _calibrated(_InplaceRes().eval(), plan, (4, 6, 6))
+    x = torch.randn(8, 4, 6, 6, generator=torch.Generator().manual_seed(2))
+    low, _ = lower_to_torch_x86(q, plan, x[:1])
+    assert kernel_counts(low)["int8:add"] == 1
+    export_onnx(q, plan, tmp_path / "m.onnx", x[:1])
+    assert fused_op_types(tmp_path / "m.onnx")["QLinearAdd"] == 1
+    with torch.no_grad():
+        ref = q(x)
+    for out in (low(x), torch.as_tensor(run_onnx(ort_session(tmp_path / "m.onnx"), x))):
+        assert (out - ref).abs().max() <= 0.1 * ref.abs().max()
