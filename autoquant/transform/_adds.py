@@ -151,18 +151,11 @@ def _add_name(node: fx.Node, counts: dict[str, int]) -> str:
 
 
 def _is_add(node: fx.Node) -> bool:
-    if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
-        args = node.args[:2]
-    elif node.op == "call_method" and node.target == "add":
-        args = node.args[:2]
-    else:
-        return False
-    return (
-        len(args) == 2
-        and all(_is_tensor(a) for a in args)
-        and "alpha" not in node.kwargs
-        and len(node.args) == 2
+    """``a + b`` of two activation tensors (no ``alpha``, no ``out``)."""
+    add = (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
+        node.op == "call_method" and node.target == "add"
     )
+    return add and len(node.args) == 2 and not node.kwargs and all(map(_is_tensor, node.args))
 
 
 def quantize_adds(model: nn.Module, spec: QuantSpec) -> tuple[nn.Module, list[str]]:
