@@ -306,6 +306,12 @@ def _intq(fq: FakeQuantize, storage: str, name: str) -> IntQ:
     return IntQ(scale, zp, int(fq.qmin), int(fq.qmax), fq.axis, storage)
 
 
+def activation_intq(fq: FakeQuantize, name: str) -> IntQ:
+    """The integer grid of a calibrated 8-bit-or-narrower activation quantizer (uint8 when
+    its codes start at 0, else int8)."""
+    return _intq(fq, "uint8" if fq.qmin >= 0 else "int8", name)
+
+
 @dataclass
 class DeployedLayer:
     """One quantized layer, ready to lower: integer codes and qparams, float leftovers."""

@@ -52,7 +52,7 @@ from autoquant.measure._deploy import (
     DeployedLayer,
     IntQ,
     Requant,
-    _intq,
+    activation_intq,
     deployed_layers,
     float_clone,
     grid_prefix,
@@ -262,9 +262,10 @@ def _attr(node: Any, name: str, default: Any) -> Any:
     return default
 
 
-def _consumers(graph: Any) -> dict[str, list[tuple[Any, int]]]:
+def _consumers(nodes: Iterable[Any]) -> dict[str, list[tuple[Any, int]]]:
+    """``{tensor: [(node, input index), ...]}`` of the nodes reading each tensor."""
     out: dict[str, list[tuple[Any, int]]] = {}
-    for node in graph.node:
+    for node in nodes:
         for i, t in enumerate(node.input):
             out.setdefault(t, []).append((node, i))
     return out
@@ -278,7 +279,7 @@ def layer_chains(
     consumer is a ReLU. Consumers are layers (their input grid) and ``marks`` (an add's
     quantizer)."""
     graph = proto.graph
-    consumers = _consumers(graph)
+    consumers = _consumers(graph.node)
     outputs = {o.name for o in graph.output}
     layer_of = {id(ln.node): name for name, ln in nodes.items()}
     mark_of = {k: target for k, (_, target) in (marks or {}).items()}
@@ -583,7 +584,7 @@ def _quantize_add_operands(ed: _Editor) -> None:
     through one ReLU) that reaches a DequantizeLinear through grid-keeping ops (a shortcut's
     slice and zero pad) that grid again after each of those ops: exact, and ONNX Runtime
     then runs the ops and the add on integers."""
-    consumers = _consumers_of(ed.nodes)
+    consumers = {t: [n for n, _ in c] for t, c in _consumers(ed.nodes).items()}
     producers = _producers(ed.nodes)
     for add in [n for n in ed.nodes if n.op_type == "Add" and len(n.input) == 2]:
         out = add.output[0]
@@ -611,7 +612,7 @@ def _quantize_pools(
 ) -> None:
     """An average pool whose output reaches an integer layer through reshapes gets that
     layer's input grid right after it (exact: reshapes commute), so it runs on integers."""
-    consumers = _consumers_of(ed.nodes)
+    consumers = {t: [n for n, _ in c] for t, c in _consumers(ed.nodes).items()}
     producers = _producers(ed.nodes)
     for name, dl in layers.items():
         q = dl.act_q
@@ -626,14 +627,6 @@ def _quantize_pools(
         if p is not None and p.op_type in _POOL_OPS and len(consumers[p.output[0]]) == 1:
             s, z = ed.qparams(f"{name}.act", q, "act")
             _requantize_output(ed, p, s, z)
-
-
-def _consumers_of(nodes: Iterable[Any]) -> dict[str, list[Any]]:
-    out: dict[str, list[Any]] = {}
-    for node in nodes:
-        for t in node.input:
-            out.setdefault(t, []).append(node)
-    return out
 
 
 @dataclass
@@ -684,8 +677,7 @@ def analyse(
     marks = _marks(proto)
     grids = {}
     for _, target in marks.values():
-        fq = model.get_submodule(target)
-        grids[target] = _intq(fq, "uint8" if fq.qmin >= 0 else "int8", target)
+        grids[target] = activation_intq(model.get_submodule(target), target)
     chains = layer_chains(proto, {n: nodes[n] for n in layers}, marks)
     float_ok = {n for n in layers if nodes[n].node.op_type in float_output_ops}
     need = [n for n, dl in layers.items() if dl.format.int_kernel]
@@ -723,7 +715,7 @@ def build_qdq(
     plan = an.plan
 
     ed = _Editor(proto)
-    consumers = _consumers(proto.graph)
+    consumers = _consumers(proto.graph.node)
     fm_modules = dict(fm.named_modules())
     # Order matters: output grids first, so that a Mark or a layer input already on its grid
     # gets no second QuantizeLinear (one grid per tensor, as ONNX Runtime fuses best).

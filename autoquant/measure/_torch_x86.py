@@ -18,19 +18,23 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import operator
 import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from autoquant.measure._deploy import DeployedLayer, IntQ, Requant, _intq, plan_formats
+from autoquant.measure._deploy import (
+    DeployedLayer,
+    IntQ,
+    Requant,
+    activation_intq,
+    plan_formats,
+)
 from autoquant.measure._onnx import analyse
 from autoquant.quant import FakeQuantize
-from autoquant.transform import strip_add_quantizers
+from autoquant.transform import add_outputs, strip_add_quantizers
 from autoquant.types import QuantPlan
 
 
@@ -138,28 +142,16 @@ def _lower_adds(gm: fx.GraphModule) -> None:
     for node in graph.nodes:
         fq = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
         if isinstance(fq, FakeQuantize):
-            q = _intq(fq, "uint8" if fq.qmin >= 0 else "int8", str(node.target))
+            q = activation_intq(fq, str(node.target))
             gm.add_submodule(str(node.target), QuantizeTo(q))
             grids[node] = q
     count = 0
-    for node in list(graph.nodes):
-        if not (
-            node.op == "call_function" and node.target in (operator.add, operator.iadd, torch.add)
-        ):
-            continue
-        out, relu = node, False
-        if len(node.users) == 1:
-            user = next(iter(node.users))
-            mod = gm.get_submodule(str(user.target)) if user.op == "call_module" else None
-            if isinstance(mod, nn.ReLU) or (
-                user.op == "call_function" and user.target in (torch.relu, F.relu)
-            ):
-                out, relu = user, True
+    for node, out in add_outputs(gm):
         quantizer = next(iter(out.users)) if len(out.users) == 1 else None
-        if quantizer not in grids or len(node.args) != 2 or node.kwargs:
+        if quantizer not in grids:
             continue
         name = f"_aq_add{count}"
-        gm.add_submodule(name, QuantizedAdd(grids[quantizer], relu))
+        gm.add_submodule(name, QuantizedAdd(grids[quantizer], relu=out is not node))
         with graph.inserting_before(node):
             new = graph.call_module(name, tuple(node.args))
         node.replace_all_uses_with(new)

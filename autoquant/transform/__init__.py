@@ -16,7 +16,12 @@ Example:
 
 from __future__ import annotations
 
-from autoquant.transform._adds import add_quantizers, quantize_adds, strip_add_quantizers
+from autoquant.transform._adds import (
+    add_outputs,
+    add_quantizers,
+    quantize_adds,
+    strip_add_quantizers,
+)
 from autoquant.transform._apply import (
     LayerInfo,
     apply_plan,
@@ -44,6 +49,7 @@ __all__ = [
     "QLinear",
     "QuantizedLayer",
     "SizeRow",
+    "add_outputs",
     "add_quantizers",
     "apply_plan",
     "calibration",

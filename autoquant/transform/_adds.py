@@ -158,6 +158,17 @@ def _is_add(node: fx.Node) -> bool:
     return add and len(node.args) == 2 and not node.kwargs and all(map(_is_tensor, node.args))
 
 
+def add_outputs(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
+    """Each tensor + tensor add of ``gm``'s graph, with the node whose output is the add's
+    result: the add itself, or the ReLU that is its only user."""
+    out = []
+    for node in gm.graph.nodes:
+        if _is_add(node):
+            user = next(iter(node.users)) if len(node.users) == 1 else None
+            out.append((node, user if user is not None and _is_relu(gm, user) else node))
+    return out
+
+
 def quantize_adds(model: nn.Module, spec: QuantSpec) -> tuple[nn.Module, list[str]]:
     """``model`` with its tensor + tensor adds fake-quantized per ``spec`` (see module doc).
 
@@ -187,7 +198,7 @@ def quantize_adds(model: nn.Module, spec: QuantSpec) -> tuple[nn.Module, list[st
         )
         return model, []
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
-    adds = [n for n in gm.graph.nodes if _is_add(n)]
+    adds = add_outputs(gm)
     if not adds:
         return model, []
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -201,7 +212,7 @@ def quantize_adds(model: nn.Module, spec: QuantSpec) -> tuple[nn.Module, list[st
         gm.add_submodule(new_name, FakeQuantize(spec).to(device))
         return new_name
 
-    for add in adds:
+    for add, out in adds:
         name = _add_name(add, counts)
         names.append(name)
         args = list(add.args)
@@ -213,9 +224,6 @@ def quantize_adds(model: nn.Module, spec: QuantSpec) -> tuple[nn.Module, list[st
             with gm.graph.inserting_before(add):
                 args[i] = gm.graph.call_module(target, (arg,))
         add.args = tuple(args)
-        out = add
-        if len(add.users) == 1 and _is_relu(gm, next(iter(add.users))):
-            out = next(iter(add.users))
         target = quantizer(out, f"{name}.out")
         with gm.graph.inserting_after(out):
             q = gm.graph.call_module(target, (out,))
