@@ -172,7 +172,9 @@ class OnnxRuntimeBackend:
     def version(self) -> str:
         import onnxruntime
 
-        return f"onnxruntime-{onnxruntime.__version__}"
+        from autoquant.measure._onnx import EXPORT_REVISION
+
+        return f"onnxruntime-{onnxruntime.__version__}+export{EXPORT_REVISION}"
 
 
 # Ops that do a layer's arithmetic: the integer fused ones and their float fallbacks.

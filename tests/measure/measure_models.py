@@ -45,6 +45,20 @@ def tiny_model() -> nn.Module:
     return model
 
 
+def resnet8() -> nn.Module:
+    """CIFAR ResNet-8 (RGB stem, two zero-padding shortcuts) with non-trivial BN statistics."""
+    from autoquant.tasks import CifarResNet
+
+    torch.manual_seed(0)
+    model = CifarResNet(8).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
 def calib_inputs(n: int = 4, batch: int = 16) -> list[Tensor]:
     gen = torch.Generator().manual_seed(1)
     return [torch.randn(batch, 3, 8, 8, generator=gen) for _ in range(n)]

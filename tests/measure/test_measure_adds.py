@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from measure_models import LAYERS, calib_inputs, tiny_model, w8a8
+from measure_models import LAYERS, calib_inputs, resnet8, tiny_model, w8a8
 from torch import nn
 
 from autoquant.measure import (
@@ -28,17 +28,6 @@ from autoquant.types import LayerPlan, QuantPlan, QuantSpec
 INT8_ADDS = QuantSpec(bits=8, symmetric=False)
 
 
-def _resnet8() -> nn.Module:
-    torch.manual_seed(0)
-    model = CifarResNet(8).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.1, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    return model
-
-
 def _calibrated(model: nn.Module, plan: QuantPlan, shape: tuple[int, ...]) -> nn.Module:
     q = apply_plan(model, plan)
     gen = torch.Generator().manual_seed(3)
@@ -56,7 +45,7 @@ def _resnet_plan(adds: QuantSpec = INT8_ADDS) -> QuantPlan:
 @pytest.fixture(scope="module")
 def resnet_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, QuantPlan, Path]:
     plan = _resnet_plan()
-    q = _calibrated(_resnet8(), plan, (3, 32, 32))
+    q = _calibrated(resnet8(), plan, (3, 32, 32))
     path = tmp_path_factory.mktemp("adds") / "m.onnx"
     calib = [torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(3))]
     export_onnx(q, plan, path, torch.randn(1, 3, 32, 32), calib_inputs=calib)
@@ -71,8 +60,8 @@ def test_onnx_runtime_runs_the_whole_resnet_on_integer_kernels(resnet_export: tu
     assert ops["QLinearGlobalAveragePool"] == 1 and ops["QGemm"] == 1
     assert ops["Conv"] == 0 and ops["Relu"] == 0
     assert ops["Add"] == 1  # the classifier's float bias after QGemm
-    # Quantize/dequantize only at the input and around the two zero-padding shortcuts.
-    assert ops["QuantizeLinear"] <= 3 and ops["DequantizeLinear"] <= 2
+    # Quantize only the input; the shortcuts' and the stem's zero pads run on uint8.
+    assert ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 0 and ops["Pad"] == 3
 
 
 def test_deployed_resnet_matches_the_simulation(resnet_export: tuple) -> None:
@@ -102,18 +91,19 @@ def test_add_grids_are_extra_bytes_not_weight_bytes(resnet_export: tuple, tmp_pa
     q, plan, path = resnet_export
     assert artifact_weight_bytes(path) == packed_size_bytes(q, plan)
     float_adds = QuantPlan(plan.layers)
-    qf = _calibrated(_resnet8(), float_adds, (3, 32, 32))
+    qf = _calibrated(resnet8(), float_adds, (3, 32, 32))
     info = export_onnx(qf, float_adds, tmp_path / "f.onnx", torch.randn(1, 3, 32, 32))
     again = export_onnx(q, plan, tmp_path / "q.onnx", torch.randn(1, 3, 32, 32))
     assert again.weight_bytes == info.weight_bytes == packed_size_bytes(qf, float_adds)
     # Three operand grids (4 B scale + 1 B zero-point each) and the last block's output grid;
     # the other output grids are the next conv's input grid, already counted. With float adds
     # the extra grids are the three conv2 outputs' and the stem's (it feeds two consumers).
-    assert again.extra_bytes == 4 * 5 and info.extra_bytes == 4 * 5
+    # Both also store the stem's channel pads (8 int64, see test_measure_onnx_lowering.py).
+    assert again.extra_bytes == 4 * 5 + 64 and info.extra_bytes == 4 * 5 + 64
 
 
 def test_int8_adds_change_the_graph_signature() -> None:
-    model = _resnet8()
+    model = resnet8()
     assert graph_signature(model, _resnet_plan()) != graph_signature(
         model, _resnet_plan(QuantSpec(bits="fp32"))
     )
@@ -166,7 +156,7 @@ def test_sub_8_bit_consumer_gets_its_own_clipped_grid(tmp_path: Path) -> None:
     layers["layer2.0.conv1"] = six  # reads layer1.0's output: no shared 8-bit grid there
     plan = QuantPlan(layers, adds=INT8_ADDS)
     assert set(names) == set(layers)
-    q = _calibrated(_resnet8(), plan, (3, 32, 32))
+    q = _calibrated(resnet8(), plan, (3, 32, 32))
     assert "layer1.0.add.out" in dict(q.named_modules())
     path = tmp_path / "m.onnx"
     export_onnx(q, plan, path, torch.randn(1, 3, 32, 32))

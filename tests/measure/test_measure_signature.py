@@ -88,3 +88,19 @@ def test_tensor_formats() -> None:
         == "int8/c"
     )
     assert tensor_format(QuantSpec(bits="fp16"), activation=True).key() == "fp16"
+
+
+def test_a_new_export_revision_invalidates_cached_onnx_latencies(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from autoquant.measure import _onnx
+    from autoquant.measure._latency import latency_key
+
+    def key(backend: str) -> str:
+        return latency_key("sig", backend, 1, 1, (3, 8, 8))
+
+    before = {b: key(b) for b in ("onnxruntime", "torch-x86")}
+    assert key("onnxruntime") == before["onnxruntime"]  # deterministic
+    monkeypatch.setattr(_onnx, "EXPORT_REVISION", _onnx.EXPORT_REVISION + 1)
+    assert key("onnxruntime") != before["onnxruntime"]
+    assert key("torch-x86") == before["torch-x86"]
