@@ -398,9 +398,10 @@ def _weight_axis(ln: _LayerNode, axis: int | None) -> int | None:
 
 def _stem_channels(ln: _LayerNode, fm_layer: nn.Module, dl: DeployedLayer | None) -> int:
     """Input channels to append (zero weights, zero-point inputs: no value changes) so that
-    ONNX Runtime runs a symmetric int8 conv in its direct kernel (MLAS ``ConvSym``), which
-    needs input channels in multiples of 4 and 16+ output channels in multiples of 8; else it
-    falls back to im2col and a GEMM, 2-3x slower on an RGB stem."""
+    ONNX Runtime runs a conv in its direct int8 kernel (MLAS ``ConvSym``, on x86 for uint8
+    inputs and int8 weights with zero zero-points), which needs input channels in multiples of
+    4 and 16+ output channels in multiples of 8; else it falls back to im2col and a GEMM, 2-3x
+    slower on an RGB stem."""
     if (
         dl is None
         or ln.node.op_type != "Conv"
@@ -411,6 +412,7 @@ def _stem_channels(ln: _LayerNode, fm_layer: nn.Module, dl: DeployedLayer | None
         or np.any(dl.weight_q.zero_point != 0)
         or dl.act_q is None
         or dl.act_q.axis is not None
+        or dl.act_q.storage != "uint8"
     ):
         return 0
     c, o = fm_layer.in_channels, fm_layer.out_channels

@@ -80,21 +80,22 @@ def test_stem_weights_are_stored_unpadded_and_padded_by_onnx_runtime(
 
 
 @pytest.mark.parametrize(
-    ("cin", "cout", "weight", "extra"),
+    ("cin", "cout", "weight", "act", "extra"),
     [
-        (3, 16, W8, 1),
-        (6, 16, QuantSpec(bits=4, granularity="per_channel"), 2),  # 4-bit codes are int8 too
-        (4, 16, W8, 0),  # aligned already
-        (3, 12, W8, 0),  # output channels not a multiple of 8: no direct kernel anyway
-        (3, 16, QuantSpec(bits=8, symmetric=False), 0),  # uint8 weights: no direct kernel
+        (3, 16, W8, A8, 1),
+        (6, 16, QuantSpec(bits=4, granularity="per_channel"), A8, 2),  # 4-bit codes are int8
+        (4, 16, W8, A8, 0),  # aligned already
+        (3, 12, W8, A8, 0),  # output channels not a multiple of 8: no direct kernel anyway
+        (3, 16, QuantSpec(bits=8, symmetric=False), A8, 0),  # uint8 weights: no direct kernel
+        (3, 16, W8, QuantSpec(bits=8), 0),  # int8 inputs: no direct kernel on x86
     ],
 )
 def test_stem_padding_applies_where_the_direct_int8_conv_kernel_does(
-    cin: int, cout: int, weight: QuantSpec, extra: int
+    cin: int, cout: int, weight: QuantSpec, act: QuantSpec, extra: int
 ) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU()).eval()
-    plan = QuantPlan({"0": LayerPlan(weight, A8)})
+    plan = QuantPlan({"0": LayerPlan(weight, act)})
     q = quantized(model, plan, _batches((cin, 8, 8)))
     x = _batches((cin, 8, 8), 1)[0]
     qdq = build_qdq(q, plan, x[:1], calib_inputs=[x])
