@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from autoquant.tasks._datasets import load_cifar10, load_digits_arrays, load_mnist32
+from autoquant.tasks._datasets import Arrays, load_cifar10, load_digits_arrays, load_mnist32
 from autoquant.tasks._files import (
     cache_dir,
     cached_artifact,
@@ -57,6 +57,29 @@ def _subset(n: int, size: int, seed: int) -> np.ndarray:
     if size >= n:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).permutation(n)[:size])
+
+
+_Pair = tuple[Tensor, Tensor]
+
+
+def _train_test_subsets(
+    data: Arrays, seed: int, calib_size: int | None, eval_size: int | None
+) -> tuple[_Pair, _Pair, _Pair, _Pair, np.ndarray]:
+    """``(train, calib, eval, test, eval_idx)`` of a data set's ``x_train``/``y_train`` and
+    ``x_test``/``y_test`` arrays as ``(x, y)`` tensors: calibration drawn from the training
+    split and evaluation from the test split, with ``seed``."""
+    n_train, n_test = len(data["y_train"]), len(data["y_test"])
+    calib_idx = _subset(n_train, _check_size("calib_size", calib_size, n_train), seed + 1)
+    eval_idx = _subset(n_test, _check_size("eval_size", eval_size, n_test), seed + 2)
+    x_train, y_train = torch.from_numpy(data["x_train"]), torch.from_numpy(data["y_train"])
+    x_test, y_test = torch.from_numpy(data["x_test"]), torch.from_numpy(data["y_test"])
+    return (
+        (x_train, y_train),
+        (x_train[calib_idx], y_train[calib_idx]),
+        (x_test[eval_idx], y_test[eval_idx]),
+        (x_test, y_test),
+        eval_idx,
+    )
 
 
 def _save_checkpoint(obj: dict[str, Any], f: IO[bytes]) -> None:
@@ -249,15 +272,12 @@ def mnist_lenet5_task(
     weights = data_file("weights/lenet5_mnist.pt")
     data = load_mnist32()
     state = torch.load(weights, weights_only=True, map_location="cpu")
-    n_train, n_test = len(data["y_train"]), len(data["y_test"])
-    calib_idx = _subset(n_train, _check_size("calib_size", calib_size, n_train), seed + 1)
-    eval_idx = _subset(n_test, _check_size("eval_size", eval_size, n_test), seed + 2)
-    x_train, y_train = torch.from_numpy(data["x_train"]), torch.from_numpy(data["y_train"])
-    x_test, y_test = torch.from_numpy(data["x_test"]), torch.from_numpy(data["y_test"])
+    train, calib, evals, _, eval_idx = _train_test_subsets(data, seed, calib_size, eval_size)
+    n_train = len(train[1])
     splits = TensorSplits(
-        (x_train, y_train),
-        (x_train[calib_idx], y_train[calib_idx]),
-        (x_test[eval_idx], y_test[eval_idx]),
+        train,
+        calib,
+        evals,
         preprocess=_mnist_preprocess,
         batch_size=batch_size,
         eval_batch_size=eval_batch_size,
@@ -272,7 +292,7 @@ def mnist_lenet5_task(
         loss_fn=F.nll_loss,  # the model outputs log-probabilities
         info={
             "train_size": n_train,
-            "calib_size": len(calib_idx),
+            "calib_size": len(calib[1]),
             "eval_size": len(eval_idx),
             "weights": str(weights),
         },
@@ -372,24 +392,21 @@ def cifar10_resnet_task(
     name = f"cifar10-resnet{depth}"
     weights = data_file(RESNET_WEIGHTS[depth])
     data = load_cifar10()
-    n_train, n_test = len(data["y_train"]), len(data["y_test"])
-    calib_idx = _subset(n_train, _check_size("calib_size", calib_size, n_train), seed + 1)
-    eval_idx = _subset(n_test, _check_size("eval_size", eval_size, n_test), seed + 2)
-    x_train, y_train = torch.from_numpy(data["x_train"]), torch.from_numpy(data["y_train"])
-    x_test, y_test = torch.from_numpy(data["x_test"]), torch.from_numpy(data["y_test"])
+    train, calib, evals, test, eval_idx = _train_test_subsets(data, seed, calib_size, eval_size)
+    n_train, n_test = len(train[1]), len(test[1])
     splits = TensorSplits(
-        (x_train, y_train),
-        (x_train[calib_idx], y_train[calib_idx]),
-        (x_test[eval_idx], y_test[eval_idx]),
+        train,
+        calib,
+        evals,
         preprocess=_cifar_preprocess,
         augment=_cifar_augment if augment else None,
         batch_size=batch_size,
         eval_batch_size=eval_batch_size,
     )
     full = TensorSplits(
-        (x_train, y_train),
-        (x_train[calib_idx], y_train[calib_idx]),
-        (x_test, y_test),
+        train,
+        calib,
+        test,
         preprocess=_cifar_preprocess,
         augment=_cifar_augment,
         eval_batch_size=500,
@@ -414,7 +431,7 @@ def cifar10_resnet_task(
     )
     info: dict[str, Any] = {
         "train_size": n_train,
-        "calib_size": len(calib_idx),
+        "calib_size": len(calib[1]),
         "eval_size": len(eval_idx),
         "weights": str(weights),
         "checkpoint_best_prec1": float(ckpt.get("best_prec1", float("nan"))),
