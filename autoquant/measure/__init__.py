@@ -21,12 +21,14 @@ from __future__ import annotations
 
 from autoquant.measure._cache import JsonFileStore, KeyValueStore, LatencyCache, MemoryStore
 from autoquant.measure._deploy import (
+    SATURATION_ENV,
     LayerFormat,
     TensorFormat,
     architecture_hash,
     describe_layer,
     float_clone,
     graph_signature,
+    int8_saturates,
     layer_formats,
     plan_formats,
     tensor_format,
@@ -60,6 +62,7 @@ from autoquant.measure._torch_x86 import lower_to_torch_x86
 
 __all__ = [
     "BACKENDS",
+    "SATURATION_ENV",
     "SIDECAR_NAME",
     "SIZE_ROLES",
     "ExportInfo",
@@ -82,6 +85,7 @@ __all__ = [
     "fused_op_types",
     "get_backend",
     "graph_signature",
+    "int8_saturates",
     "latency_key",
     "machine_info",
     "layer_formats",

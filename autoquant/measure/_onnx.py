@@ -455,8 +455,12 @@ def _rewrite_layer(
         ed.add("Cast", [w16], [f"{name}.weight_float"], to=TensorProto.FLOAT)
         node.input[1] = f"{name}.weight_float"
     else:
-        q = dl.weight_q
-        codes = ed.init(f"{name}.weight_quantized", oriented(dl.weight_codes), "weight")
+        q, values = dl.weight_q, dl.weight_codes
+        if dl.format.saturates and q.storage == "int8":
+            # u8×s8 kernels saturate on this CPU; the same grid as uint8 runs U8U8, exactly.
+            values = (values.astype(np.int16) + 128).astype(np.uint8)
+            q = IntQ(q.scale, q.zero_point + 128, q.qmin + 128, q.qmax + 128, q.axis, "uint8")
+        codes = ed.init(f"{name}.weight_quantized", oriented(values), "weight")
         if stem_pads is not None:  # zero weights for the added channels (folded by ORT)
             ed.add("Pad", [codes, stem_pads], [f"{name}.weight_quantized_padded"])
             codes = f"{name}.weight_quantized_padded"

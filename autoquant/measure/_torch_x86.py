@@ -285,14 +285,14 @@ def lower_with_notes(
         for name, dl in an.layers.items():
             rq: Requant | None = an.requant.get(name)
             new = None
-            if dl.format.int_kernel and rq is not None:
+            if dl.format.int_kernel and not dl.format.saturates and rq is not None:
                 new = _int_module(dl, rq.q)
             if new is not None:
                 new = IntKernelLayer(new, dl.act_q)
                 tails[name] = "out→" + rq.describe("torch-x86")
             else:
                 new = _simulated(dl)
-                if dl.format.int_kernel:
+                if dl.format.int_kernel and not dl.format.saturates:
                     tails[name] = "no x86 kernel for this layer: simulated in float"
             parent, _, child = name.rpartition(".")
             setattr(out.get_submodule(parent) if parent else out, child, new)

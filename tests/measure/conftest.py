@@ -8,7 +8,15 @@ import pytest
 from measure_models import calib_inputs, quantized, tiny_model
 from torch import nn
 
+from autoquant.measure import SATURATION_ENV
 from autoquant.types import QuantPlan
+
+
+@pytest.fixture
+def vnni(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deploy as on a CPU whose int8 kernels do not saturate (x86 with VNNI, or ARM), for
+    tests of the graph's structure; their outputs may differ on a CPU without VNNI."""
+    monkeypatch.setenv(SATURATION_ENV, "0")
 
 
 @pytest.fixture

@@ -130,7 +130,7 @@ def test_tiny_resnet_with_int8_adds_deploys_on_both_backends(backend: str) -> No
     assert (out - ref).abs().max() <= 0.05 * ref.abs().max()
 
 
-def test_torch_x86_runs_the_adds_as_quantized_add_kernels(resnet_export: tuple) -> None:
+def test_torch_x86_runs_the_adds_as_quantized_add_kernels(resnet_export: tuple, vnni: None) -> None:
     q, plan, _ = resnet_export
     low, formats = lower_to_torch_x86(q, plan, torch.randn(1, 3, 32, 32))
     assert kernel_counts(low) == {"int8:Conv2d": 7, "int8:Linear": 1, "int8:add": 3}

@@ -47,7 +47,9 @@ class BackendContract:
         self.measure(make_quantized(plan), plan, threads=1)
         assert torch.get_num_threads() == before
 
-    def test_second_call_with_same_signature_is_a_cache_hit(self, make_quantized: MakeQ) -> None:
+    def test_second_call_with_same_signature_is_a_cache_hit(
+        self, make_quantized: MakeQ, vnni: None
+    ) -> None:
         cache = LatencyCache()
         w8 = QuantPlan.uniform(LAYERS, QuantSpec(bits=8), QuantSpec(bits=8))
         w4 = QuantPlan.uniform(LAYERS, QuantSpec(bits=4), QuantSpec(bits=8, calibration="mse"))
@@ -106,7 +108,7 @@ class BackendContract:
 class TestOnnxRuntime(BackendContract):
     backend = "onnxruntime"
 
-    def test_integer_kernels_ran(self, make_quantized: MakeQ) -> None:
+    def test_integer_kernels_ran(self, make_quantized: MakeQ, vnni: None) -> None:
         plan = w8a8()
         r = self.measure(make_quantized(plan), plan)
         assert r.kernels.get("QLinearConv") == 4 and r.kernels.get("QGemm") == 1
@@ -116,7 +118,7 @@ class TestOnnxRuntime(BackendContract):
 class TestTorchX86(BackendContract):
     backend = "torch-x86"
 
-    def test_integer_kernels_ran(self, make_quantized: MakeQ) -> None:
+    def test_integer_kernels_ran(self, make_quantized: MakeQ, vnni: None) -> None:
         plan = w8a8()
         r = self.measure(make_quantized(plan), plan)
         assert r.kernels == {"int8:Conv2d": 3, "int8:Conv1d": 1, "int8:Linear": 1}

@@ -48,7 +48,9 @@ def _codes(layer: nn.Module) -> np.ndarray:
     return q.int_repr().numpy()
 
 
-def test_w8a8_graph_has_qdq_pairs_and_int8_weights(make_quantized: MakeQ, tmp_path: Path) -> None:
+def test_w8a8_graph_has_qdq_pairs_and_int8_weights(
+    make_quantized: MakeQ, tmp_path: Path, vnni: None
+) -> None:
     plan = w8a8()
     q = make_quantized(plan)
     info = export_onnx(q, plan, tmp_path / "m.onnx", X)

@@ -39,7 +39,7 @@ def test_fake_quant_model_hashes_like_its_folded_float_model() -> None:
         ((QuantSpec(bits="fp32"), QuantSpec(bits="fp32")), None),
     ],
 )
-def test_same_kernel_same_signature(a: tuple, b: tuple | None) -> None:
+def test_same_kernel_same_signature(a: tuple, b: tuple | None, vnni: None) -> None:
     model = fold_batchnorm(tiny_model())
     pa = _plan(*a)
     pb = _plan(*b) if b else QuantPlan()
