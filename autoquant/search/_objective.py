@@ -19,7 +19,9 @@ from autoquant.train import evaluate, qat_finetune
 from autoquant.transform import (
     apply_plan,
     calibration,
+    call_model,
     float_size_bytes,
+    inputs_to,
     packed_size_bytes,
     quantizable_layers,
 )
@@ -109,7 +111,7 @@ class SearchContext:
         model = apply_plan(self.float_model, plan).to(self.device)
         with calibration(model), torch.no_grad():
             for x, _ in self.calib:
-                model(x.to(self.device))
+                call_model(model, inputs_to(x, self.device))
         timing["calibrate"] = time.perf_counter() - t0
 
         t = time.perf_counter()

@@ -14,7 +14,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-Batch = tuple[Tensor, Tensor]
+from autoquant.transform import Inputs, call_model, inputs_to
+
+Batch = tuple[Inputs, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 OPTIMIZERS = ("sgd", "adam")
@@ -166,9 +168,9 @@ def qat_finetune(
         stream = _stream(batches, steps)
         for step in range(steps):
             x, y = next(stream)
-            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            x, y = inputs_to(x, dev, non_blocking=True), y.to(dev, non_blocking=True)
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
+            loss = loss_fn(call_model(model, x), y)
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise NonFiniteLossError(step, value)
@@ -226,7 +228,7 @@ def evaluate(
             for batch in batches:
                 x, y = _split_batch(batch)
                 y = y.to(dev)
-                scores = model(x.to(dev))
+                scores = call_model(model, inputs_to(x, dev))
                 if scores.dim() != 2 or y.dim() != 1 or scores.shape[0] != y.shape[0]:
                     raise ValueError(
                         f"evaluate needs scores [N, classes] and targets [N]; got scores "

@@ -32,6 +32,14 @@ from autoquant.transform._apply import (
     quantized_layers,
 )
 from autoquant.transform._fold import conv_bn_pairs, fold_batchnorm, fold_batchnorm_
+from autoquant.transform._inputs import (
+    Inputs,
+    as_tuple,
+    batch_len,
+    call_model,
+    inputs_to,
+    map_inputs,
+)
 from autoquant.transform._registry import (
     QConv1d,
     QConv2d,
@@ -43,6 +51,7 @@ from autoquant.transform._registry import (
 from autoquant.transform._size import SizeRow, float_size_bytes, packed_size_bytes, size_breakdown
 
 __all__ = [
+    "Inputs",
     "LayerInfo",
     "QConv1d",
     "QConv2d",
@@ -52,12 +61,17 @@ __all__ = [
     "add_outputs",
     "add_quantizers",
     "apply_plan",
+    "as_tuple",
+    "batch_len",
+    "call_model",
     "calibration",
     "check_plan",
     "conv_bn_pairs",
     "float_size_bytes",
     "fold_batchnorm",
     "fold_batchnorm_",
+    "inputs_to",
+    "map_inputs",
     "packed_size_bytes",
     "quantizable_layers",
     "quantizable_names",

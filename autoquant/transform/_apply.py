@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from autoquant.quant import FakeQuantize
 from autoquant.transform._adds import quantize_adds
 from autoquant.transform._fold import _replace, fold_batchnorm_
+from autoquant.transform._inputs import call_model
 from autoquant.transform._registry import _REGISTRY, QuantizedLayer
 from autoquant.types import PlanError, QuantPlan
 
@@ -46,12 +47,6 @@ def quantizable_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if _is_quantizable(m)]
 
 
-def _call(model: nn.Module, example_input: Any) -> Any:
-    if isinstance(example_input, tuple):
-        return model(*example_input)
-    return model(example_input)
-
-
 def quantizable_layers(model: nn.Module, example_input: Any) -> list[LayerInfo]:
     """Every registered layer (Conv1d, Conv2d, Linear, ...) with its size and MACs.
 
@@ -82,7 +77,7 @@ def quantizable_layers(model: nn.Module, example_input: Any) -> list[LayerInfo]:
     try:
         model.eval()
         with torch.no_grad():
-            _call(model, example_input)
+            call_model(model, example_input)
     finally:
         for h in handles:
             h.remove()
