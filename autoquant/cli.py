@@ -166,8 +166,36 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+DESCRIPTION = """\
+Search per-layer quantization plans of a PyTorch model: each trial fine-tunes a plan with
+quantization-aware training and scores accuracy, packed size and latency measured on integer
+kernels. A study file (studies/*.toml) names the task, the search space and the budget."""
+
+EPILOG = """\
+examples:
+  autoquant search studies/digits.toml          run or resume a study
+  autoquant front studies/digits.toml           the Pareto front
+  autoquant report studies/digits.toml --out report/
+  autoquant export studies/digits.toml --trial 3 --out export-trial3"""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("autoquant")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="autoquant", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="autoquant",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"autoquant {_version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="show Optuna's logs")
     sub = parser.add_subparsers(dest="command", required=True)
 

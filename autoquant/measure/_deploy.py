@@ -312,8 +312,8 @@ def graph_signature(model: nn.Module, plan: QuantPlan | None) -> str:
         >>> from autoquant.types import QuantSpec
         >>> net = nn.Sequential(nn.Linear(4, 2))
         >>> w4 = QuantPlan.uniform(["0"], QuantSpec(bits=4), QuantSpec(bits=8))
-        >>> w8 = QuantPlan.uniform(["0"], QuantSpec(bits=8), QuantSpec(bits=8))
-        >>> graph_signature(net, w4) == graph_signature(net, w8) != graph_signature(net, None)
+        >>> w6 = QuantPlan.uniform(["0"], QuantSpec(bits=6), QuantSpec(bits=8))
+        >>> graph_signature(net, w4) == graph_signature(net, w6) != graph_signature(net, None)
         True
     """
     formats = layer_formats(model, plan)

@@ -250,7 +250,7 @@ def lower_to_torch_x86(
         >>> from autoquant.transform import apply_plan, calibration
         >>> from autoquant.types import QuantSpec
         >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16, 2))
-        >>> plan = QuantPlan.uniform(["0", "3"], QuantSpec(bits=8), QuantSpec(bits=8))
+        >>> plan = QuantPlan.uniform(["0", "3"], QuantSpec(bits=4), QuantSpec(bits=8))
         >>> q = apply_plan(net, plan)
         >>> with calibration(q):
         ...     _ = q(torch.randn(8, 1, 4, 4))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -13,6 +16,7 @@ from autoquant.transform import apply_plan, calibration, quantizable_layers
 from autoquant.types import LayerPlan, QuantPlan, QuantSpec
 
 BACKENDS = ["onnxruntime", "torch-x86"]
+RequireData = Callable[[str], Path]
 TOLERANCE = 0.005  # 0.5 accuracy points
 
 
@@ -83,7 +87,9 @@ def test_digits_deployed_matches_simulated(digits: Task, plan_fn: object) -> Non
 
 @pytest.mark.slow
 @pytest.mark.parametrize("plan_fn", [_w8a8, _mixed], ids=["w8a8", "mixed"])
-def test_lenet5_deployed_matches_simulated(plan_fn: object) -> None:
+def test_lenet5_deployed_matches_simulated(plan_fn: object, require_data: RequireData) -> None:
+    require_data("mnist.npz")
+    require_data("weights/lenet5_mnist.pt")
     task = get_task("mnist-lenet5")
     _check(task, plan_fn, task.eval_batches())
 
@@ -102,6 +108,8 @@ def _with_int8_adds(plan_fn: object) -> object:
     [_w8a8, _mixed, _with_int8_adds(_w8a8), _with_int8_adds(_mixed)],
     ids=["w8a8", "mixed", "w8a8-int8-adds", "mixed-int8-adds"],
 )
-def test_resnet20_deployed_matches_simulated(plan_fn: object) -> None:
+def test_resnet20_deployed_matches_simulated(plan_fn: object, require_data: RequireData) -> None:
+    require_data("cifar10_jpeg.tar.gz")
+    require_data("weights/resnet20-12fca82f.th")
     task = get_task("cifar10-resnet20", eval_size=2000, finetune_epochs=0)
     _check(task, plan_fn, task.eval_batches())

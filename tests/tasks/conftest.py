@@ -1,11 +1,11 @@
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from autoquant.tasks import CACHE_ENV, data_dir
+from autoquant.tasks import CACHE_ENV
 
 
 @pytest.fixture(scope="module")
@@ -15,16 +15,3 @@ def tmp_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(CACHE_ENV, str(path))
         yield path
-
-
-def _require(relpath: str) -> Path:
-    path = data_dir() / relpath
-    if not path.is_file():
-        pytest.skip(f"{relpath} not found in {data_dir()} (set AUTOQUANT_DATA to run this test)")
-    return path
-
-
-@pytest.fixture
-def require_data() -> Callable[[str], Path]:
-    """``require_data(relpath)``: the data file's path, or skip when the file truly is absent."""
-    return _require
