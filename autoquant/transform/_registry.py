@@ -15,6 +15,7 @@ cannot be wrapped exactly instead of quantizing them wrongly.
 
 A new layer type is one small class:
 
+    >>> import torch
     >>> class Scale(nn.Module):
     ...     def __init__(self, n):
     ...         super().__init__()
@@ -35,7 +36,6 @@ import copy
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
