@@ -26,6 +26,7 @@ from autoquant.transform._apply import apply_plan, calibration, check_plan, quan
 from autoquant.transform._attention import (
     AttentionMatmul,
     ExplicitMultiheadAttention,
+    QAttentionMatmul,
     explicit_attention_,
     keep_slow_path_,
 )
@@ -72,6 +73,7 @@ __all__ = [
     "LayerInfo",
     "LayerStatus",
     "ModuleTrace",
+    "QAttentionMatmul",
     "QConv1d",
     "QConv2d",
     "QConv3d",

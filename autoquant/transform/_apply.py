@@ -133,6 +133,8 @@ def calibration(model: nn.Module) -> Iterator[nn.Module]:
             yield model
             # A layer the batches never reached still has a known weight.
             for layer in quantized_layers(model).values():
+                if not layer.quantizes_weight:
+                    continue
                 if layer.weight_fq.observer is not None and not layer.weight_fq.has_observed:
                     layer.weight_fq(layer.weight)
     except BaseException:

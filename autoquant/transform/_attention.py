@@ -9,7 +9,9 @@ computes the same function from real modules::
     in_proj (Linear E -> 3E; or q_proj/k_proj/v_proj when kdim/vdim differ)
       -> split heads -> matmul (softmax(q k^T / sqrt(d) + mask) v) -> merge heads -> out_proj
 
-so a plan addresses ``<mha>.in_proj`` and ``<mha>.out_proj`` like any ``Linear``.
+so a plan addresses ``<mha>.in_proj`` and ``<mha>.out_proj`` like any ``Linear``, and may
+quantize the operands of the two attention matmuls with ``<mha>.matmul``
+(:class:`QAttentionMatmul`, activation spec only; layer discovery lists it only on request).
 :func:`keep_slow_path_` makes every transformer layer that holds a converted or quantized module
 run its Python path (per module: a no-op forward pre-hook on the layer, which PyTorch's fast path
 checks for, and ``use_nested_tensor = False`` on the encoder), so no fused kernel bypasses the
@@ -36,7 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from autoquant.transform._registry import QuantizedLayer
+from autoquant.quant import FakeQuantize
+from autoquant.transform._registry import QuantizedLayer, register_quantizable
+from autoquant.types import LayerPlan, PlanError
 
 _FORWARD = nn.MultiheadAttention.forward
 
@@ -87,19 +91,72 @@ class AttentionMatmul(nn.Module):
 
     Inputs ``[N, H, L, D]``, ``[N, H, S, D]``, ``[N, H, S, D]`` and an additive mask
     broadcastable to ``[N, H, L, S]``; returns the output ``[N, H, L, D]`` and the
-    probabilities ``[N, H, L, S]``.
+    probabilities ``[N, H, L, S]`` the output was computed with. The operands of the two
+    matmuls pass through :meth:`score_operands` and :meth:`output_operands`, the points
+    :class:`QAttentionMatmul` quantizes.
     """
+
+    def score_operands(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """The operands of ``q k^T`` (``q`` already scaled by ``1/sqrt(D)``)."""
+        return q, k
+
+    def output_operands(self, probs: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """The operands of ``probs v``."""
+        return probs, v
 
     def forward(
         self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float
     ) -> tuple[Tensor, Tensor]:
-        scores = torch.matmul(q * (1.0 / math.sqrt(q.shape[-1])), k.transpose(-2, -1))
+        q, k = self.score_operands(q * (1.0 / math.sqrt(q.shape[-1])), k)
+        scores = torch.matmul(q, k.transpose(-2, -1))
         if mask is not None:
             scores = scores + mask
         probs = torch.softmax(scores, dim=-1)
         if dropout_p > 0.0:
             probs = F.dropout(probs, p=dropout_p)
+        probs, v = self.output_operands(probs, v)
         return torch.matmul(probs, v), probs
+
+
+@register_quantizable(AttentionMatmul)
+class QAttentionMatmul(QuantizedLayer, AttentionMatmul):
+    """Fake-quant attention matmuls: the plan's activation spec (per tensor) on the scaled
+    query (``act_fq``), the key (``key_fq``), the probabilities (``prob_fq``) and the value
+    (``value_fq``), each calibrated on its own range. No weight: the plan's weight must be
+    fp32. Plans address it as ``<mha>.matmul``; off unless a plan names it."""
+
+    quantizes_weight = False
+    input_quantizers = ("act_fq", "key_fq", "prob_fq", "value_fq")
+    key_fq: FakeQuantize
+    prob_fq: FakeQuantize
+    value_fq: FakeQuantize
+
+    def _init_quant(self, layer_plan: LayerPlan) -> None:
+        act = layer_plan.activation
+        if layer_plan.weight.bits != "fp32":
+            raise PlanError(
+                f"weight bits={layer_plan.weight.bits!r} is not allowed: AttentionMatmul "
+                "layers have no weight; allowed values: 'fp32'"
+            )
+        if act.per_channel:
+            raise PlanError(
+                "activation granularity='per_channel' is not allowed for AttentionMatmul; "
+                "allowed values: 'per_tensor'"
+            )
+        self.layer_plan = layer_plan
+        for name in self.input_quantizers:
+            setattr(self, name, FakeQuantize(act))
+
+    def score_operands(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        return self.act_fq(q), self.key_fq(k)
+
+    def output_operands(self, probs: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        return self.prob_fq(probs), self.value_fq(v)
+
+    @staticmethod
+    def macs(module: nn.Module, args: tuple[Any, ...], output: Any) -> int:
+        q, k = args[0], args[1]
+        return 2 * int(q.numel()) * int(k.shape[-2])  # q k^T and probs v
 
 
 class ExplicitMultiheadAttention(nn.MultiheadAttention):

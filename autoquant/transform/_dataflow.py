@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from autoquant.transform._inputs import call_model
 
 Node = Any  # torch.autograd.graph.Node (identity-hashable)
-MacsFn = Callable[[nn.Module, tuple[Any, ...], Tensor], int]
+MacsFn = Callable[[nn.Module, tuple[Any, ...], Any], int]
 
 
 @dataclass
@@ -32,8 +32,8 @@ class ModuleTrace:
     calls: int = 0
     macs: int = 0
     input_nodes: list[Node | None] = field(default_factory=list)  # grad_fn of the 1st input
-    raw_nodes: list[Node | None] = field(default_factory=list)  # grad_fn of the module output
-    nodes: list[Node] = field(default_factory=list)  # node of the marked output
+    raw_nodes: list[Node | None] = field(default_factory=list)  # grad_fn of each float output
+    nodes: list[Node] = field(default_factory=list)  # node of each marked float output
     markers: list[Tensor] = field(default_factory=list)
 
 
@@ -48,7 +48,7 @@ class Dataflow:
 
     def output_used(self, name: str) -> bool | None:
         """Whether some call of ``name`` reaches the model output (``None``: unknown)."""
-        if not self.has_graph:
+        if not self.has_graph or not self.modules[name].nodes:
             return None
         return any(node in self.reached for node in self.modules[name].nodes)
 
@@ -123,16 +123,21 @@ def trace_dataflow(
             macs_fn: MacsFn | None = macs_fn,
         ) -> Any:
             trace.calls += 1
-            if macs_fn is not None and isinstance(output, Tensor):
+            if macs_fn is not None:
                 trace.macs += macs_fn(mod, args, output)
-            if not (isinstance(output, Tensor) and output.is_floating_point()):
-                return None
-            marker = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
-            marked = output + marker
-            trace.raw_nodes.append(output.grad_fn)
-            trace.nodes.append(marked.grad_fn)
-            trace.markers.append(marker)
-            return marked
+
+            def mark(t: Any) -> Any:
+                if not (isinstance(t, Tensor) and t.is_floating_point()):
+                    return t
+                marker = torch.zeros((), dtype=t.dtype, device=t.device, requires_grad=True)
+                marked = t + marker
+                trace.raw_nodes.append(t.grad_fn)
+                trace.nodes.append(marked.grad_fn)
+                trace.markers.append(marker)
+                return marked
+
+            # Every float tensor of the output (a tuple for attention-like modules).
+            return tuple(map(mark, output)) if type(output) is tuple else mark(output)
 
         handles.append(module.register_forward_pre_hook(pre_hook))
         handles.append(module.register_forward_hook(hook))

@@ -27,6 +27,7 @@ from typing import Any
 from torch import nn
 
 from autoquant.transform._attention import (
+    AttentionMatmul,
     ExplicitMultiheadAttention,
     explicit_attention_,
     explicit_view,
@@ -70,6 +71,8 @@ class LayerInfo:
         reason: one line on why it is not ``ok`` and how to include it (empty when ``ok``).
         quantizes_input: False when the layer's input is never quantized (embeddings): a plan
             must give it an fp32 activation spec.
+        quantizes_weight: False for a layer without a weight (attention matmuls): a plan must
+            give it an fp32 weight spec.
     """
 
     name: str
@@ -80,6 +83,7 @@ class LayerInfo:
     status: LayerStatus = LayerStatus.OK
     reason: str = ""
     quantizes_input: bool = True
+    quantizes_weight: bool = True
 
     @property
     def ok(self) -> bool:
@@ -95,6 +99,7 @@ class LayerInfo:
             "status": self.status.value,
             "reason": self.reason,
             "quantizes_input": self.quantizes_input,
+            "quantizes_weight": self.quantizes_weight,
         }
 
 
@@ -102,12 +107,13 @@ def quantizable_names(model: nn.Module) -> list[str]:
     """FQNs of the quantizable layers of ``model`` (any status), in module order.
 
     A ``nn.MultiheadAttention`` contributes its sub-layers ``<mha>.in_proj`` (or
-    ``q_proj``/``k_proj``/``v_proj`` when kdim/vdim differ) and ``<mha>.out_proj``.
+    ``q_proj``/``k_proj``/``v_proj`` when kdim/vdim differ), ``<mha>.matmul`` (the attention
+    matmuls, weightless) and ``<mha>.out_proj``.
 
     Example:
         >>> net = nn.Sequential(nn.Embedding(10, 8), nn.MultiheadAttention(8, 2))
         >>> quantizable_names(net)
-        ['0', '1.in_proj', '1.out_proj']
+        ['0', '1.in_proj', '1.matmul', '1.out_proj']
     """
     return [n for n, m in explicit_view(model).named_modules() if is_quantizable(m)]
 
@@ -153,7 +159,9 @@ def _hint(status: LayerStatus, module: nn.Module) -> str:
     }.get(status, "")
 
 
-def quantizable_layers(model: nn.Module, example_input: Any) -> list[LayerInfo]:
+def quantizable_layers(
+    model: nn.Module, example_input: Any, *, attention_matmuls: bool = False
+) -> list[LayerInfo]:
     """Every quantizable layer with its size, MACs and discovery status (see module doc).
 
     Runs one eval-mode forward pass (with autograd on, to follow where outputs go; no backward)
@@ -163,6 +171,8 @@ def quantizable_layers(model: nn.Module, example_input: Any) -> list[LayerInfo]:
     Args:
         model: float (or already quantized) model.
         example_input: a tensor, or a tuple of positional inputs.
+        attention_matmuls: also list the attention matmuls (``<mha>.matmul``), which have no
+            weight (off by default: a search then leaves them float).
 
     Example:
         >>> import torch
@@ -193,14 +203,18 @@ def quantizable_layers(model: nn.Module, example_input: Any) -> list[LayerInfo]:
     handles = []
     for name, module in layers.items():
         if isinstance(module, QuantizedLayer):
+            weighted = module.quantizes_weight
 
-            def probe(fq: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
+            def probe(
+                fq: nn.Module, args: tuple[Any, ...], name: str = name, weighted: bool = weighted
+            ) -> None:
                 reached[name] += 1
-                layer = layers[name]
-                if getattr(layer, "weight", None) is not args[0]:
+                if weighted and layers[name].weight is not args[0]:
                     foreign[name] = True
 
-            handles.append(module.weight_fq.register_forward_pre_hook(probe))
+            # Each intercept calls its first quantizer exactly once.
+            fq = module.weight_fq if weighted else module.act_fq
+            handles.append(fq.register_forward_pre_hook(probe))
     macs: dict[str, MacsFn] = {
         n: type(m).macs for n, m in layers.items() if isinstance(m, QuantizedLayer)
     }
@@ -211,9 +225,11 @@ def quantizable_layers(model: nn.Module, example_input: Any) -> list[LayerInfo]:
             h.remove()
     infos = []
     for name, module in layers.items():
+        wrapper = wrapper_type(type(module)) or type(module)
+        if not attention_matmuls and issubclass(wrapper, AttentionMatmul):
+            continue
         trace = flow.modules[name]
         status, reason = LayerStatus.OK, ""
-        wrapper = wrapper_type(type(module)) or type(module)
         if name in static:
             status, reason = LayerStatus.NOT_WRAPPABLE, static[name]
         elif trace.calls == 0:
@@ -246,6 +262,7 @@ def quantizable_layers(model: nn.Module, example_input: Any) -> list[LayerInfo]:
                 status=status,
                 reason=reason,
                 quantizes_input=getattr(wrapper, "quantizes_input", True),
+                quantizes_weight=getattr(wrapper, "quantizes_weight", True),
             )
         )
     return infos
@@ -278,7 +295,7 @@ def uniform_plan(
     layers: Iterable[LayerInfo], weight: QuantSpec, activation: QuantSpec, adds: QuantSpec = FP32
 ) -> QuantPlan:
     """The same specs for every given layer, with an fp32 activation where the layer does not
-    quantize its input (embeddings).
+    quantize its input (embeddings) and an fp32 weight where it has none (attention matmuls).
 
     Example:
         >>> import torch
@@ -288,6 +305,11 @@ def uniform_plan(
         'w4afp32 w4a8'
     """
     return QuantPlan(
-        {i.name: LayerPlan(weight, activation if i.quantizes_input else FP32) for i in layers},
+        {
+            i.name: LayerPlan(
+                weight if i.quantizes_weight else FP32, activation if i.quantizes_input else FP32
+            )
+            for i in layers
+        },
         adds=adds,
     )

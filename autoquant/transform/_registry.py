@@ -161,6 +161,9 @@ class QuantizedLayer(nn.Module):
         float_type: the float module class this wrapper replaces (class attribute).
         quantizes_input: whether the layer's input is fake-quantized (class attribute; False
             for embeddings, whose input holds indices: their plan's activation must be fp32).
+        quantizes_weight: whether the layer has a weight to quantize (class attribute; False
+            for weightless ops such as the attention matmuls, which have no ``weight_fq`` and
+            whose plan's weight must be fp32).
         weight_fq: :class:`~autoquant.quant.FakeQuantize` of the (BN-folded) weight.
         act_fq: :class:`~autoquant.quant.FakeQuantize` of the layer input (the identity when
             ``quantizes_input`` is False).
@@ -169,6 +172,7 @@ class QuantizedLayer(nn.Module):
 
     float_type: ClassVar[type[nn.Module]]
     quantizes_input: ClassVar[bool] = True
+    quantizes_weight: ClassVar[bool] = True
     weight: Tensor
     weight_fq: FakeQuantize
     act_fq: FakeQuantize
@@ -205,7 +209,7 @@ class QuantizedLayer(nn.Module):
         return int(weight.shape[1]) * int(getattr(module, "groups", 1))
 
     @staticmethod
-    def macs(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> int:
+    def macs(module: nn.Module, args: tuple[Any, ...], output: Any) -> int:
         """Multiply-accumulates of one call: each output element costs one weight row."""
         weight: Tensor = module.weight  # type: ignore[assignment]
         return int(output.numel() * weight[0].numel())
@@ -305,7 +309,7 @@ class QEmbedding(_QEmbeddingBase, nn.Embedding):
         )
 
     @staticmethod
-    def macs(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> int:
+    def macs(module: nn.Module, args: tuple[Any, ...], output: Any) -> int:
         return 0  # a gather
 
 
@@ -334,7 +338,7 @@ class QEmbeddingBag(_QEmbeddingBase, nn.EmbeddingBag):
         )
 
     @staticmethod
-    def macs(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> int:
+    def macs(module: nn.Module, args: tuple[Any, ...], output: Any) -> int:
         # One multiply-add per gathered value (sum/mean of the bag's rows).
         indices = args[0] if args and isinstance(args[0], Tensor) else None
         dim = int(module.weight.shape[1])  # type: ignore[union-attr]

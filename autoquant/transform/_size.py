@@ -40,13 +40,29 @@ class SizeRow:
         return {**asdict(self), "bytes": self.bytes}
 
 
-def _qparam_rows(layer: str, prefix: str, spec: QuantSpec, channels: int) -> list[SizeRow]:
+def _qparam_rows(
+    layer: str, prefix: str, spec: QuantSpec, channels: int, role: str | None = None
+) -> list[SizeRow]:
     if spec.is_float:
         return []
     n = channels if spec.per_channel else 1
+    role = role or prefix
     return [
-        SizeRow(f"{layer}.{prefix}_scale", layer, f"{prefix}_scale", n, _SCALE_BITS),
-        SizeRow(f"{layer}.{prefix}_zero_point", layer, f"{prefix}_zero_point", n, _ZERO_POINT_BITS),
+        SizeRow(f"{layer}.{prefix}_scale", layer, f"{role}_scale", n, _SCALE_BITS),
+        SizeRow(f"{layer}.{prefix}_zero_point", layer, f"{role}_zero_point", n, _ZERO_POINT_BITS),
+    ]
+
+
+def _weightless_rows(name: str, module: nn.Module, lp: LayerPlan) -> list[SizeRow]:
+    """Input qparams of a layer without a weight (attention matmuls: one grid per operand)."""
+    cls = type(module) if isinstance(module, QuantizedLayer) else wrapper_type(type(module))
+    if cls is None or cls.quantizes_weight:
+        return []
+    quantizers = getattr(cls, "input_quantizers", ("act_fq",))
+    return [
+        row
+        for fq in quantizers
+        for row in _qparam_rows(name, fq.removesuffix("_fq"), lp.activation, 1, role="act")
     ]
 
 
@@ -70,6 +86,8 @@ def _rows(model: nn.Module, plan: QuantPlan | None, example_input: Any) -> list[
             lp = plan.layers.get(name)
             if lp is None and isinstance(module, QuantizedLayer):
                 lp = module.layer_plan
+        if lp is not None:
+            rows += _weightless_rows(name, module, lp)
         params = {k: p for k, p in module.named_parameters(recurse=False) if id(p) not in seen}
         seen.update(id(p) for p in params.values())
         for key, p in params.items():

@@ -17,6 +17,7 @@ from autoquant.transform import (
     AttentionMatmul,
     ExplicitMultiheadAttention,
     LayerStatus,
+    QAttentionMatmul,
     QEmbedding,
     QLinear,
     apply_plan,
@@ -213,9 +214,17 @@ def _reference(model: TokenClassifier, q: nn.Module, ids: torch.Tensor, mask: to
         layer.self_attn.in_proj_bias,
     )
     qh, kh, vh = (t.reshape(n, length, H, E // H).transpose(1, 2) for t in qkv.split(E, -1))
-    scores = qh @ kh.transpose(-2, -1) / math.sqrt(E // H)
+    qh = qh / math.sqrt(E // H)
+    mm = ql.self_attn.matmul
+    quant_mm = hasattr(mm, "key_fq")  # the plan quantizes the matmul operands
+    if quant_mm:
+        qh, kh, vh = _fq_a(qh, mm.act_fq), _fq_a(kh, mm.key_fq), _fq_a(vh, mm.value_fq)
+    scores = qh @ kh.transpose(-2, -1)
     scores = scores.masked_fill((mask == 0)[:, None, None, :], float("-inf"))
-    attn = (scores.softmax(-1) @ vh).transpose(1, 2).reshape(n, length, E)
+    probs = scores.softmax(-1)
+    if quant_mm:
+        probs = _fq_a(probs, mm.prob_fq)
+    attn = (probs @ vh).transpose(1, 2).reshape(n, length, E)
     attn = F.linear(
         _fq_a(attn, ql.self_attn.out_proj.act_fq),
         _fq_w(layer.self_attn.out_proj.weight),
@@ -247,26 +256,40 @@ def test_token_classifier_discovery_and_names() -> None:
         ("encoder.linear2", "Linear", LayerStatus.OK, True),
         ("head", "Linear", LayerStatus.OK, True),
     ]
-    assert [i.name for i in infos] == quantizable_names(model)
     in_proj = infos[1]
     assert in_proj.params == 3 * E * E + 3 * E and in_proj.macs == 2 * 7 * 3 * E * E
+    # The attention matmuls only on request (off by default), weightless.
+    full = quantizable_layers(model, _tokens(2), attention_matmuls=True)
+    assert [i.name for i in full] == quantizable_names(model)
+    matmul = full[2]
+    assert (matmul.name, matmul.type_name, matmul.params) == (
+        "encoder.self_attn.matmul",
+        "AttentionMatmul",
+        0,
+    )
+    assert matmul.ok and not matmul.quantizes_weight and matmul.quantizes_input
+    assert matmul.macs == 2 * (2 * H * 7 * (E // H)) * 7  # q k^T and probs v, L = S = 7
     assert type(model.encoder.self_attn) is nn.MultiheadAttention  # model untouched
 
 
-def test_eval_mode_w8a8_token_classifier_matches_hand_written_reference() -> None:
+@pytest.mark.parametrize("matmuls", [False, True])
+def test_eval_mode_w8a8_token_classifier_matches_hand_written_reference(matmuls: bool) -> None:
     torch.manual_seed(0)
     model = TokenClassifier().eval()
     ids, mask = _tokens()
-    plan = uniform_plan(quantizable_layers(model, (ids, mask)), W8C, A8)
+    infos = quantizable_layers(model, (ids, mask), attention_matmuls=matmuls)
+    plan = uniform_plan(infos, W8C, A8)
     q = apply_plan(model, plan).eval()
     layers = quantized_layers(q)
     assert list(layers) == list(plan.layers)
     assert isinstance(layers["emb"], QEmbedding) and isinstance(layers["encoder.linear1"], QLinear)
+    assert isinstance(q.encoder.self_attn.matmul, QAttentionMatmul) is matmuls
     # Eval mode and no grad: exactly where PyTorch's fused fast path would skip every wrapper.
     with calibration(q), torch.no_grad():
         q(ids, mask)
-    acts = [m.act_fq for m in layers.values() if m.act_fq.spec.bits == 8]
-    assert len(acts) == 5 and all(fq.calibrated and fq.has_observed for fq in acts)
+    acts = [m for m in q.modules() if isinstance(m, FakeQuantize) and m.spec == A8]
+    assert len(acts) == 5 + 4 * matmuls
+    assert all(fq.calibrated and fq.has_observed for fq in acts)
     with torch.no_grad():
         out = q(ids, mask)
         ref = _reference(model, q, ids, mask)
@@ -328,6 +351,15 @@ def test_embedding_input_quantization_is_refused_with_the_layer_name() -> None:
         apply_plan(model, QuantPlan({"emb": LayerPlan(W8C, A8)}))
 
 
+def test_matmul_plan_errors_name_the_layer() -> None:
+    model, name = TokenClassifier(), "encoder.self_attn.matmul"
+    with pytest.raises(PlanError, match=rf"layer '{name}': weight bits=8 .*'fp32'"):
+        apply_plan(model, QuantPlan({name: LayerPlan(W8C, A8)}))
+    per_channel = QuantSpec(bits=8, granularity="per_channel", axis=1)
+    with pytest.raises(PlanError, match=rf"layer '{name}'.*'per_tensor'"):
+        apply_plan(model, QuantPlan({name: LayerPlan(activation=per_channel)}))
+
+
 def test_sizes_count_in_projection_and_embedding_rows() -> None:
     model = TokenClassifier()
     w4 = QuantSpec(bits=4, granularity="per_channel")
@@ -341,6 +373,9 @@ def test_sizes_count_in_projection_and_embedding_rows() -> None:
     saved_emb = 20 * E * 4 - (20 * E // 2 + 20 * 5)  # 4-bit rows + a scale/zero-point per row
     saved_in = 3 * E * E * 4 - (3 * E * E // 2 + 3 * E * 5) - 5  # + the input's scale/zp
     assert packed_size_bytes(model, plan) == float_bytes - saved_emb - saved_in
+    # The attention matmuls add one input grid per operand (q, k, probabilities, v).
+    with_mm = QuantPlan({**plan.layers, "encoder.self_attn.matmul": LayerPlan(activation=A8)})
+    assert packed_size_bytes(model, with_mm) == packed_size_bytes(model, plan) + 4 * (4 + 1)
 
 
 class CrossAttention(nn.Module):
