@@ -142,7 +142,7 @@ def _static_reasons(view: nn.Module) -> dict[str, str]:
             cls = wrapper_type(type(module))
             why = cls.unsupported(module) if cls is not None else None
             if why is not None:
-                reasons.setdefault(name, f"{why}; {_hint(LayerStatus.NOT_WRAPPABLE, module)}")
+                reasons.setdefault(name, why)
     return reasons
 
 

@@ -38,6 +38,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from autoquant.quant import FakeQuantize
 from autoquant.types import LayerPlan, PlanError
@@ -198,8 +199,14 @@ class QuantizedLayer(nn.Module):
 
     @classmethod
     def unsupported(cls, module: nn.Module) -> str | None:
-        """Why ``module`` cannot be wrapped exactly (``None`` when it can); checked before
-        wrapping and reported by layer discovery."""
+        """Why ``module`` cannot be wrapped exactly and how to fix that (``None`` when it can);
+        checked before wrapping and reported by layer discovery."""
+        if parametrize.is_parametrized(module):
+            return (
+                "its weight is computed by a parametrization (weight_norm, spectral_norm, ...); "
+                "torch.nn.utils.parametrize.remove_parametrizations(module, 'weight') makes it "
+                "a plain weight"
+            )
         return None
 
     @classmethod
@@ -281,11 +288,15 @@ class _QEmbeddingBase(QuantizedLayer):
         if getattr(module, "max_norm", None) is not None:
             return (
                 "max_norm renormalizes the weight rows in place during forward (the stored, "
-                "quantized rows would differ from the ones used)"
+                "quantized rows would differ from the ones used); renormalize the weight once "
+                "and set max_norm=None to quantize it"
             )
         if getattr(module, "sparse", False):
-            return "sparse gradients cannot flow through the weight fake-quantizer"
-        return None
+            return (
+                "sparse gradients cannot flow through the weight fake-quantizer; set "
+                "sparse=False to quantize it"
+            )
+        return super().unsupported(module)
 
     @classmethod
     def input_channels(cls, module: nn.Module) -> int:

@@ -387,10 +387,18 @@ class CrossAttention(nn.Module):
         return self.attn(q, kv, kv, need_weights=False)[0]
 
 
+class OwnForwardMHA(nn.MultiheadAttention):
+    def forward(self, *args, **kwargs):  # type: ignore[override]
+        return super().forward(*args, **kwargs)
+
+
 class BiasKV(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, own_forward: bool = False) -> None:
         super().__init__()
-        self.attn = nn.MultiheadAttention(E, H, add_bias_kv=True)
+        if own_forward:
+            self.attn: nn.MultiheadAttention = OwnForwardMHA(E, H)
+        else:
+            self.attn = nn.MultiheadAttention(E, H, add_bias_kv=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.attn(x, x, x)[0]
@@ -406,5 +414,8 @@ def test_discovery_of_attention_it_cannot_quantize_exactly() -> None:
     bias_kv = quantizable_layers(BiasKV(), torch.randn(3, 1, E))
     assert [(i.name, i.status) for i in bias_kv] == [("attn.out_proj", LayerStatus.NOT_WRAPPABLE)]
     assert "add_bias_kv" in bias_kv[0].reason
+    own = quantizable_layers(BiasKV(own_forward=True), torch.randn(3, 1, E))
+    assert [(i.name, i.status) for i in own] == [("attn.out_proj", LayerStatus.NOT_WRAPPABLE)]
+    assert "OwnForwardMHA overrides MultiheadAttention.forward" in own[0].reason
     with pytest.raises(PlanError, match="unknown layer"):
         apply_plan(BiasKV(), QuantPlan({"attn.in_proj": LayerPlan(W8C, A8)}))

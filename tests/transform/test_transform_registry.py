@@ -22,7 +22,7 @@ from autoquant.transform import (
     wrapper_type,
 )
 from autoquant.transform._registry import _DERIVED, _REGISTRY
-from autoquant.types import LayerPlan, QuantPlan, QuantSpec
+from autoquant.types import LayerPlan, PlanError, QuantPlan, QuantSpec
 
 W8C = QuantSpec(bits=8, granularity="per_channel")
 A8 = QuantSpec(bits=8, symmetric=False)
@@ -192,3 +192,11 @@ def test_reference_subclass_quantized_with_fp32_plan_is_unchanged() -> None:
     with torch.no_grad():
         torch.testing.assert_close(q(x), model(x), atol=1e-2, rtol=1e-2)
     assert quantizable_names(model) == ["conv", "fc"]
+
+
+def test_parametrized_weight_is_reported_with_the_fix() -> None:
+    fc = nn.utils.parametrizations.weight_norm(nn.Linear(48, 5))
+    info = quantizable_layers(Net(fc), torch.zeros(1, 2, 6, 6))[1]
+    assert info.status is LayerStatus.NOT_WRAPPABLE and "remove_parametrizations" in info.reason
+    with pytest.raises(PlanError, match="layer 'fc'.*parametrization"):
+        apply_plan(Net(fc), QuantPlan({"fc": LayerPlan(W8C, A8)}))
