@@ -192,7 +192,7 @@ def _fq_w(w: torch.Tensor) -> torch.Tensor:
     flat = w.detach().double()
     scale = (flat.abs().amax(1) / 127).float()
     return torch.fake_quantize_per_channel_affine(
-        w.detach(), scale, torch.zeros(w.shape[0], dtype=torch.int32), 0, -127, 127
+        w.detach(), scale, torch.zeros(w.shape[0], dtype=torch.int32, device=w.device), 0, -127, 127
     )
 
 
@@ -240,7 +240,7 @@ def _reference(model: TokenClassifier, q: nn.Module, ids: torch.Tensor, mask: to
             _fq_a(hidden, ql.linear2.act_fq), _fq_w(layer.linear2.weight), layer.linear2.bias
         )
     )
-    keep = mask.unsqueeze(-1).float()
+    keep = mask.unsqueeze(-1).to(x.dtype)
     pooled = (x * keep).sum(1) / keep.sum(1)
     return F.linear(_fq_a(pooled, q.head.act_fq), _fq_w(model.head.weight), model.head.bias)
 
@@ -273,10 +273,12 @@ def test_token_classifier_discovery_and_names() -> None:
 
 
 @pytest.mark.parametrize("matmuls", [False, True])
-def test_eval_mode_w8a8_token_classifier_matches_hand_written_reference(matmuls: bool) -> None:
+def test_eval_mode_w8a8_token_classifier_matches_hand_written_reference(
+    matmuls: bool, device: str
+) -> None:
     torch.manual_seed(0)
-    model = TokenClassifier().eval()
-    ids, mask = _tokens()
+    model = TokenClassifier().eval().to(device)
+    ids, mask = (t.to(device) for t in _tokens())
     infos = quantizable_layers(model, (ids, mask), attention_matmuls=matmuls)
     plan = uniform_plan(infos, W8C, A8)
     q = apply_plan(model, plan).eval()
