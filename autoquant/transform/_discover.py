@@ -198,60 +198,24 @@ def quantizable_layers(
         if name not in static and not isinstance(module, QuantizedLayer):
             wrap_(module, LayerPlan())  # pass-through quantizers: counts the primitive's calls
     keep_slow_path_(view)  # again, now that the layers are wrappers
-    reached: dict[str, int] = dict.fromkeys(layers, 0)
-    foreign: dict[str, bool] = dict.fromkeys(layers, False)
-    handles = []
-    for name, module in layers.items():
-        if isinstance(module, QuantizedLayer):
-            weighted = module.quantizes_weight
-
-            def probe(
-                fq: nn.Module, args: tuple[Any, ...], name: str = name, weighted: bool = weighted
-            ) -> None:
-                reached[name] += 1
-                if weighted and layers[name].weight is not args[0]:
-                    foreign[name] = True
-
-            # Each intercept calls its first quantizer exactly once.
-            fq = module.weight_fq if weighted else module.act_fq
-            handles.append(fq.register_forward_pre_hook(probe))
+    probe = _PrimitiveProbe(layers)
     macs: dict[str, MacsFn] = {
         n: type(m).macs for n, m in layers.items() if isinstance(m, QuantizedLayer)
     }
     try:
         flow = trace_dataflow(view, example_input, layers, macs)
     finally:
-        for h in handles:
-            h.remove()
+        probe.remove()
     infos = []
     for name, module in layers.items():
         wrapper = wrapper_type(type(module)) or type(module)
         if not attention_matmuls and issubclass(wrapper, AttentionMatmul):
             continue
         trace = flow.modules[name]
-        status, reason = LayerStatus.OK, ""
         if name in static:
             status, reason = LayerStatus.NOT_WRAPPABLE, static[name]
-        elif trace.calls == 0:
-            status, reason = LayerStatus.NEVER_CALLED, "never called by the example forward pass"
-        elif reached[name] != trace.calls or foreign[name]:
-            cls = type(module).float_type  # type: ignore[union-attr]
-            status = LayerStatus.NOT_WRAPPABLE
-            reason = (
-                f"{cls.__qualname__}.forward reaches the quantized primitive "
-                f"{reached[name]} time(s) in {trace.calls} call(s)"
-                if not foreign[name]
-                else f"{cls.__qualname__}.forward passes another tensor than its weight "
-                "to the primitive"
-            )
-        elif trace.calls > 1:
-            status = LayerStatus.REUSED
-            reason = f"called {trace.calls} times in one forward pass"
-        elif flow.output_used(name) is False:
-            status = LayerStatus.OUTPUT_UNUSED
-            reason = "its output never reaches the model output"
-        if status is not LayerStatus.OK and name not in static:
-            reason = f"{reason}; {_hint(status, module)}"
+        else:
+            status, reason = _status(module, trace.calls, probe, name, flow.output_used(name))
         infos.append(
             LayerInfo(
                 name=name,
@@ -266,6 +230,57 @@ def quantizable_layers(
             )
         )
     return infos
+
+
+class _PrimitiveProbe:
+    """Counts, per wrapper, the calls of the quantizer its intercept calls first (the weight's,
+    or the input's for weightless layers), and whether the weight passed is the module's own."""
+
+    def __init__(self, layers: dict[str, nn.Module]) -> None:
+        self.reached = dict.fromkeys(layers, 0)
+        self.foreign = dict.fromkeys(layers, False)
+        self._handles: list[Any] = []
+        for name, module in layers.items():
+            if not isinstance(module, QuantizedLayer):
+                continue
+            weighted = module.quantizes_weight
+            fq = module.weight_fq if weighted else module.act_fq
+
+            def hook(
+                _: nn.Module, args: tuple[Any, ...], name: str = name, weighted: bool = weighted
+            ) -> None:
+                self.reached[name] += 1
+                if weighted and layers[name].weight is not args[0]:
+                    self.foreign[name] = True
+
+            self._handles.append(fq.register_forward_pre_hook(hook))
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _status(
+    module: nn.Module, calls: int, probe: _PrimitiveProbe, name: str, used: bool | None
+) -> tuple[LayerStatus, str]:
+    if calls == 0:
+        status, reason = LayerStatus.NEVER_CALLED, "never called by the example forward pass"
+    elif probe.foreign[name] or probe.reached[name] != calls:
+        status = LayerStatus.NOT_WRAPPABLE
+        cls = type(module).float_type  # type: ignore[union-attr]
+        reason = (
+            f"{cls.__qualname__}.forward passes another tensor than its weight to the primitive"
+            if probe.foreign[name]
+            else f"{cls.__qualname__}.forward reaches the quantized primitive "
+            f"{probe.reached[name]} time(s) in {calls} call(s)"
+        )
+    elif calls > 1:
+        status, reason = LayerStatus.REUSED, f"called {calls} times in one forward pass"
+    elif used is False:
+        status, reason = LayerStatus.OUTPUT_UNUSED, "its output never reaches the model output"
+    else:
+        return LayerStatus.OK, ""
+    return status, f"{reason}; {_hint(status, module)}"
 
 
 def excluded_layers_message(layers: Iterable[LayerInfo]) -> str | None:
