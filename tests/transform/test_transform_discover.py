@@ -144,6 +144,41 @@ def test_unused_output_never_called_and_multi_input() -> None:
     assert enc["pooler.dense"] == (LayerStatus.OK, 1)
 
 
+def _fq_rows(w: torch.Tensor) -> torch.Tensor:
+    scale = (w.detach().abs().amax(1) / 127).float()
+    zp = torch.zeros(w.shape[0], dtype=torch.int32)
+    return torch.fake_quantize_per_channel_affine(w.detach(), scale, zp, 0, -127, 127)
+
+
+def _fq_range(x: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+    lo, hi = min(observed.min().item(), 0.0), max(observed.max().item(), 0.0)
+    scale = (hi - lo) / 255
+    return torch.fake_quantize_per_tensor_affine(x, scale, round(255 - hi / scale), 0, 255)
+
+
+def test_multi_input_model_quantized_on_its_ok_layers_matches_a_reference() -> None:
+    torch.manual_seed(0)
+    model = MeanPooled().eval()
+    ok = [i for i in quantizable_layers(model, (IDS, MASK)) if i.ok]
+    q = apply_plan(model, uniform_plan(ok, W8C, A8))
+    assert type(q.encoder.pooler.dense) is nn.Linear and type(q.encoder.unused) is nn.Linear
+    with calibration(q), torch.no_grad():
+        q(IDS, MASK)
+    enc, keep = model.encoder, MASK.unsqueeze(-1).float()
+    with torch.no_grad():  # ranges as calibration saw them: on the float model
+        emb_float = enc.emb(IDS)
+        pooled_float = ((enc.layer(emb_float) * keep).sum(1)) / keep.sum(1)
+        emb = F.embedding(IDS, _fq_rows(enc.emb.weight))
+        hidden = F.linear(_fq_range(emb, emb_float), _fq_rows(enc.layer.weight), enc.layer.bias)
+        pooled = (hidden * MASK.unsqueeze(-1) * keep).sum(1) / keep.sum(1)
+        ref = F.linear(
+            _fq_range(pooled, pooled_float),
+            _fq_rows(model.classifier.weight),
+            model.classifier.bias,
+        )
+        torch.testing.assert_close(q(IDS, MASK), ref, atol=1e-5, rtol=1e-5)
+
+
 def test_excluded_layers_message_lists_each_layer_and_how_to_include_it() -> None:
     message = excluded_layers_message(quantizable_layers(MeanPooled(), (IDS, MASK)))
     assert message is not None and message.startswith("autoquant: 2 layers excluded")
