@@ -22,14 +22,22 @@ from autoquant.transform._adds import (
     quantize_adds,
     strip_add_quantizers,
 )
-from autoquant.transform._apply import (
+from autoquant.transform._apply import apply_plan, calibration, check_plan, quantized_layers
+from autoquant.transform._attention import (
+    AttentionMatmul,
+    ExplicitMultiheadAttention,
+    QAttentionMatmul,
+    explicit_attention_,
+    keep_slow_path_,
+)
+from autoquant.transform._dataflow import Dataflow, ModuleTrace, trace_dataflow
+from autoquant.transform._discover import (
     LayerInfo,
-    apply_plan,
-    calibration,
-    check_plan,
+    LayerStatus,
+    excluded_layers_message,
     quantizable_layers,
     quantizable_names,
-    quantized_layers,
+    uniform_plan,
 )
 from autoquant.transform._fold import conv_bn_pairs, fold_batchnorm, fold_batchnorm_
 from autoquant.transform._inputs import (
@@ -43,18 +51,34 @@ from autoquant.transform._inputs import (
 from autoquant.transform._registry import (
     QConv1d,
     QConv2d,
+    QConv3d,
+    QEmbedding,
+    QEmbeddingBag,
     QLinear,
     QuantizedLayer,
+    is_quantizable,
     quantizable_types,
     register_quantizable,
+    registered_base,
+    wrap_,
+    wrapper_type,
 )
 from autoquant.transform._size import SizeRow, float_size_bytes, packed_size_bytes, size_breakdown
 
 __all__ = [
+    "AttentionMatmul",
+    "Dataflow",
+    "ExplicitMultiheadAttention",
     "Inputs",
     "LayerInfo",
+    "LayerStatus",
+    "ModuleTrace",
+    "QAttentionMatmul",
     "QConv1d",
     "QConv2d",
+    "QConv3d",
+    "QEmbedding",
+    "QEmbeddingBag",
     "QLinear",
     "QuantizedLayer",
     "SizeRow",
@@ -63,14 +87,18 @@ __all__ = [
     "apply_plan",
     "as_tuple",
     "batch_len",
-    "call_model",
     "calibration",
+    "call_model",
     "check_plan",
     "conv_bn_pairs",
+    "excluded_layers_message",
+    "explicit_attention_",
     "float_size_bytes",
     "fold_batchnorm",
     "fold_batchnorm_",
     "inputs_to",
+    "is_quantizable",
+    "keep_slow_path_",
     "map_inputs",
     "packed_size_bytes",
     "quantizable_layers",
@@ -79,6 +107,11 @@ __all__ = [
     "quantize_adds",
     "quantized_layers",
     "register_quantizable",
+    "registered_base",
     "size_breakdown",
     "strip_add_quantizers",
+    "trace_dataflow",
+    "uniform_plan",
+    "wrap_",
+    "wrapper_type",
 ]

@@ -1,94 +1,22 @@
-"""Find quantizable layers, apply a plan, calibrate."""
+"""Apply a plan to a model, calibrate."""
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from autoquant.quant import FakeQuantize
 from autoquant.transform._adds import quantize_adds
-from autoquant.transform._fold import _replace, fold_batchnorm_
-from autoquant.transform._inputs import call_model
-from autoquant.transform._registry import _REGISTRY, QuantizedLayer
+from autoquant.transform._attention import explicit_attention_, keep_slow_path_
+from autoquant.transform._discover import quantizable_names
+from autoquant.transform._fold import fold_batchnorm_
+from autoquant.transform._registry import QuantizedLayer, wrap_
 from autoquant.types import PlanError, QuantPlan
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """One quantizable layer: FQN, float type name, own parameter count, MACs for the example
-    input (whole batch; 0 if the forward pass never called it)."""
-
-    name: str
-    type_name: str
-    params: int
-    macs: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _is_quantizable(module: nn.Module) -> bool:
-    # Exact type: a user subclass of nn.Conv2d may override forward, which a wrapper would drop.
-    return type(module) in _REGISTRY or isinstance(module, QuantizedLayer)
-
-
-def _float_type(module: nn.Module) -> type[nn.Module]:
-    return module.float_type if isinstance(module, QuantizedLayer) else type(module)
-
-
-def quantizable_names(model: nn.Module) -> list[str]:
-    """FQNs of the quantizable layers of ``model``, in module order."""
-    return [n for n, m in model.named_modules() if _is_quantizable(m)]
-
-
-def quantizable_layers(model: nn.Module, example_input: Any) -> list[LayerInfo]:
-    """Every registered layer (Conv1d, Conv2d, Linear, ...) with its size and MACs.
-
-    Runs one eval-mode, no-grad forward pass with forward hooks; the model's train/eval flags
-    are restored afterwards.
-
-    Args:
-        model: float (or already quantized) model.
-        example_input: a tensor, or a tuple of positional inputs.
-
-    Example:
-        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
-        >>> [(i.name, i.type_name, i.params, i.macs)
-        ...  for i in quantizable_layers(net, torch.zeros(1, 1, 8, 8))]
-        [('0', 'Conv2d', 40, 1296), ('2', 'Linear', 1450, 1440)]
-    """
-    layers = [(n, m) for n, m in model.named_modules() if _is_quantizable(m)]
-    macs = dict.fromkeys((n for n, _ in layers), 0)
-
-    def hook_for(name: str) -> Any:
-        def hook(module: nn.Module, args: Any, output: Tensor) -> None:
-            macs[name] += _REGISTRY[_float_type(module)].macs(module, output)
-
-        return hook
-
-    handles = [m.register_forward_hook(hook_for(n)) for n, m in layers]
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            call_model(model, example_input)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, training in modes.items():
-            m.training = training
-    return [
-        LayerInfo(
-            n, _float_type(m).__name__, sum(p.numel() for p in m.parameters(recurse=False)), macs[n]
-        )
-        for n, m in layers
-    ]
 
 
 def check_plan(model: nn.Module, plan: QuantPlan) -> None:
@@ -101,21 +29,28 @@ def check_plan(model: nn.Module, plan: QuantPlan) -> None:
         raise PlanError(f"unknown layer name(s) {unknown} in the plan; valid names: {valid}")
 
 
-def apply_plan(model: nn.Module, plan: QuantPlan) -> nn.Module:
+def apply_plan(model: nn.Module, plan: QuantPlan, *, example_input: Any = None) -> nn.Module:
     """A fake-quant copy of ``model`` that simulates ``plan``; ``model`` is not modified.
 
-    The copy has BatchNorm folded into the preceding convs (BN replaced by ``nn.Identity``) and
-    every layer of the plan that is not fp32/fp32 replaced by its wrapper (``QConv2d``, ...),
-    with weight and input-activation :class:`~autoquant.quant.FakeQuantize` modules, not yet
-    calibrated (they pass values through until :func:`calibration`). Layers missing from the
-    plan, or fp32 for both tensors, stay float. When ``plan.adds`` is 8-bit, the residual adds
-    are quantized too and the copy is a ``torch.fx.GraphModule`` with the same submodule
-    names (see :func:`quantize_adds`). Deterministic: same model and plan give the same module
-    structure.
+    The copy has BatchNorm folded into the preceding convs where that is provably exact (BN
+    replaced by ``nn.Identity``; see :func:`~autoquant.transform.conv_bn_pairs`, which uses
+    ``example_input`` for models ``torch.fx`` cannot trace), every ``nn.MultiheadAttention``
+    holding a plan layer made explicit (:class:`ExplicitMultiheadAttention`), and every layer of
+    the plan that is not fp32/fp32 turned into its wrapper (``QConv2d``, ``QLinear``,
+    ``QEmbedding``, or the generated wrapper of a subclass), with weight and input-activation
+    :class:`~autoquant.quant.FakeQuantize` modules, not yet calibrated (they pass values
+    through until :func:`calibration`). A module referenced at several places is wrapped once,
+    everywhere. Transformer layers holding a wrapper never take PyTorch's fused fast path.
+    Layers missing from the plan, or fp32 for both tensors, stay float. When ``plan.adds`` is
+    8-bit, the residual adds are quantized too and the copy is a ``torch.fx.GraphModule`` with
+    the same submodule names (see :func:`quantize_adds`). Deterministic: same model and plan
+    give the same module structure.
 
     Raises:
         PlanError: a plan layer name is not a quantizable layer of ``model`` (the message lists
-            the valid names), or a layer is already quantized.
+            the valid names), a layer is already quantized, or a layer cannot run its plan (an
+            embedding asked to quantize its input, an unsupported module); the message names
+            the layer.
 
     Example:
         >>> from autoquant.types import QuantSpec
@@ -126,18 +61,26 @@ def apply_plan(model: nn.Module, plan: QuantPlan) -> nn.Module:
     """
     check_plan(model, plan)
     out = copy.deepcopy(model)
-    fold_batchnorm_(out)
+    fold_batchnorm_(out, example_input)
+    active = {
+        n
+        for n, lp in plan.layers.items()
+        if not (lp.weight.bits == "fp32" and lp.activation.bits == "fp32")
+    }
+    owners = {n.rpartition(".")[0] for n in active}
+    explicit_attention_(out, names=owners)
     for name, module in list(out.named_modules()):
-        layer_plan = plan.layers.get(name)
-        if layer_plan is None or (
-            layer_plan.weight.bits == "fp32" and layer_plan.activation.bits == "fp32"
-        ):
+        if name not in active:
             continue
         if isinstance(module, QuantizedLayer):
             raise PlanError(
                 f"layer {name!r} is already quantized; apply the plan to the float model"
             )
-        _replace(out, name, _REGISTRY[type(module)].from_float(module, layer_plan))
+        try:
+            wrap_(module, plan.layers[name])
+        except PlanError as e:
+            raise PlanError(f"layer {name!r}: {e}") from None
+    keep_slow_path_(out)
     if not plan.adds.is_float:
         out, _ = quantize_adds(out, plan.adds)
     return out
@@ -190,6 +133,8 @@ def calibration(model: nn.Module) -> Iterator[nn.Module]:
             yield model
             # A layer the batches never reached still has a known weight.
             for layer in quantized_layers(model).values():
+                if not layer.quantizes_weight:
+                    continue
                 if layer.weight_fq.observer is not None and not layer.weight_fq.has_observed:
                     layer.weight_fq(layer.weight)
     except BaseException:
@@ -200,7 +145,9 @@ def calibration(model: nn.Module) -> Iterator[nn.Module]:
     if missing:
         raise RuntimeError(
             f"no calibration data reached {missing}; run at least one batch "
-            "through the model inside `with calibration(model):`"
+            "through the model inside `with calibration(model):` (a layer the forward pass "
+            "never calls cannot be calibrated: quantizable_layers(model, example_input) "
+            "reports each layer's status)"
         )
     for fq in fqs.values():
         fq.freeze()
