@@ -2,6 +2,9 @@
 
 Figures use matplotlib's object-oriented API on an Agg canvas (no pyplot, no global
 backend switch), so a report can be written from any process, headless or not.
+
+One module (~700 lines) for all figures: they share the trial points, the styles and the
+label placement that keeps front labels from overlapping.
 """
 
 from __future__ import annotations
