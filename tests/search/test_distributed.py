@@ -339,7 +339,14 @@ def test_killed_worker_trial_is_failed_with_a_reason_and_retried(
         except KeyError:
             time.sleep(0.2)
             continue
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        trials = study.get_trials(deepcopy=False)
+        # Kill a trial in training, not while it suggests its plan: killed between two
+        # suggestions, it leaves a partial plan that its retry completes with new values.
+        # A complete trial shows how many parameters a whole plan has.
+        whole = max((len(t.params) for t in trials if t.state == TrialState.COMPLETE), default=0)
+        for t in trials:
+            if t.state != TrialState.RUNNING or not whole or len(t.params) < whole:
+                continue
             pid = int(str(read_record(t).worker or ":0").rsplit(":", 1)[1])
             if pid in procs:
                 victim = (pid, t.number)
