@@ -9,7 +9,6 @@ from autoquant.types import (
     PlanError,
     QuantPlan,
     QuantSpec,
-    TrialMetrics,
     load_plan,
 )
 
@@ -22,7 +21,6 @@ __all__ = [
     "PlanError",
     "QuantPlan",
     "QuantSpec",
-    "TrialMetrics",
     "__version__",
     "load_plan",
 ]

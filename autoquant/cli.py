@@ -88,7 +88,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_latency(args: argparse.Namespace) -> int:
-    from autoquant.search import bench_trial_latency
+    from autoquant.search import bench_trial_latency, read_record
 
     study, spec = _study_from_args(args)
     results = bench_trial_latency(
@@ -101,7 +101,7 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
         threads=args.threads,
         batch_sizes=tuple(args.batch_size) if args.batch_size else None,
     )
-    stored = study.trials[args.trial].user_attrs.get("latency") or []
+    stored = read_record(study.trials[args.trial]).latency or []
     for r in results:
         old = next((s for s in stored if s.get("batch_size") == r["batch_size"]), None)
         was = f"  (stored {old['median_ms']:.4f} ms)" if old else ""

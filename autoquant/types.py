@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
@@ -339,19 +338,6 @@ class QuantPlan:
                 runs.append([s, 1])
         text = " ".join(s if n == 1 else f"{s}×{n}" for s, n in runs)
         return text if self.adds.is_float else f"{text} add{self.adds.short()}".strip()
-
-
-@dataclass(frozen=True)
-class TrialMetrics:
-    """What a trial scores: held-out accuracy, packed size and measured latency."""
-
-    accuracy: float
-    size_bytes: int
-    latency_ms: float
-
-    def __post_init__(self) -> None:
-        if not math.isfinite(self.accuracy):
-            raise PlanError(f"accuracy={self.accuracy!r} must be finite")
 
 
 def load_plan(path: str | os.PathLike[str]) -> QuantPlan:

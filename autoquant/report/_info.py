@@ -9,6 +9,7 @@ from optuna.trial import TrialState
 
 from autoquant.measure import machine_info
 from autoquant.report._tables import points_text
+from autoquant.search import read_float_baseline, read_study_record
 
 
 def _fmt_seconds(s: float) -> str:
@@ -65,28 +66,28 @@ def wall_time_s(study: optuna.Study) -> float | None:
 def study_facts(study: optuna.Study) -> list[tuple[str, str]]:
     """(label, value) rows of the report header, in display order.
 
-    The machine is the one stored on the study (``user_attrs["machine"]``) if any, else
+    The machine is the one stored on the study (:attr:`StudyRecord.machine`) if any, else
     this machine, marked as such.
     """
-    ua = study.user_attrs
-    spec: dict[str, Any] = ua.get("spec", {})
-    fb = ua["float_baseline"]
+    record = read_study_record(study)
+    spec: dict[str, Any] = record.spec or {}
+    fb = read_float_baseline(study)
     qat = spec.get("qat", {})
     lat = spec.get("latency", {})
-    machine = ua.get("machine")
+    machine = record.machine
     where = "" if machine else " (this machine; the study stores none)"
     machine = machine or machine_info()
     c = counts(study)
     wall = wall_time_s(study)
-    max_drop = spec.get("max_accuracy_drop")
-    n_layers = len(ua.get("layers", []))
+    max_drop = record.max_accuracy_drop
+    n_layers = len(record.layers or [])
     rows = [
         ("study", study.study_name),
         ("task", str(spec.get("task", "?"))),
         (
             "float model",
-            f"top-1 {100 * fb['accuracy']:.2f} %, {fb['size_bytes'] / 1024:.1f} KB "
-            f"({fb['size_bytes']} B), latency {fb['latency_ms']:.4g} ms"
+            f"top-1 {100 * fb.accuracy:.2f} %, {fb.size_bytes / 1024:.1f} KB "
+            f"({fb.size_bytes} B), latency {fb.latency_ms:.4g} ms"
             + (f", {n_layers} quantizable layers" if n_layers else ""),
         ),
         (
@@ -133,6 +134,6 @@ def study_facts(study: optuna.Study) -> list[tuple[str, str]]:
             if wall is not None
             else "n/a",
         ),
-        ("created", str(ua.get("created", "?"))),
+        ("created", str(record.created or "?")),
     ]
     return rows

@@ -2,6 +2,9 @@
 
 Figures use matplotlib's object-oriented API on an Agg canvas (no pyplot, no global
 backend switch), so a report can be written from any process, headless or not.
+
+One module (~700 lines) for all figures: they share the trial points, the styles and the
+label placement that keeps front labels from overlapping.
 """
 
 from __future__ import annotations
@@ -16,8 +19,16 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autoquant.report._tables import layer_order, points_text
-from autoquant.search import feasible, hypervolume_history, nondominated, pareto_front
-from autoquant.types import QuantPlan, QuantSpec
+from autoquant.search import (
+    feasible,
+    hypervolume_history,
+    nondominated,
+    pareto_front,
+    read_float_baseline,
+    read_record,
+    read_study_record,
+)
+from autoquant.types import QuantSpec
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -82,15 +93,15 @@ class _Points:
 
 
 def _points(study: optuna.Study, max_drop: float | None) -> _Points:
-    fb = study.user_attrs["float_baseline"]
-    trials = [
-        t
+    fb = read_float_baseline(study)
+    scored = [
+        (t, r)
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if "accuracy" in t.user_attrs
+        if (r := read_record(t)).accuracy is not None
     ]
     front = {t.number for t in pareto_front(study, max_drop)}
-    lat = study.user_attrs.get("spec", {}).get("latency", {})
-    first = (fb.get("latency") or [{}])[0]
+    lat = (read_study_record(study).spec or {}).get("latency", {})
+    first = (fb.latency or [{}])[0]
     threads = first.get("threads", lat.get("threads", "?"))
     desc = (
         f"batch {first.get('batch_size', (lat.get('batch_sizes') or ['?'])[0])}, "
@@ -99,19 +110,19 @@ def _points(study: optuna.Study, max_drop: float | None) -> _Points:
     )
 
     def arr(f: Any, dtype: Any = float) -> np.ndarray:
-        return np.array([f(t) for t in trials], dtype=dtype)
+        return np.array([f(t, r) for t, r in scored], dtype=dtype)
 
     return _Points(
-        number=arr(lambda t: t.number, int),
-        acc=arr(lambda t: 100 * t.user_attrs["accuracy"]),
-        kb=arr(lambda t: t.user_attrs["size_bytes"] / 1024),
-        lat=arr(lambda t: t.user_attrs.get("latency_ms", math.nan)),
-        feasible=arr(lambda t: feasible(t, max_drop), bool),
-        front=arr(lambda t: t.number in front, bool),
-        baseline=[t.user_attrs.get("baseline", "") for t in trials],
-        float_acc=100 * fb["accuracy"],
-        float_kb=fb["size_bytes"] / 1024,
-        float_lat=fb["latency_ms"],
+        number=arr(lambda t, r: t.number, int),
+        acc=arr(lambda t, r: 100 * r.accuracy),
+        kb=arr(lambda t, r: r.size_bytes / 1024),
+        lat=arr(lambda t, r: math.nan if r.latency_ms is None else r.latency_ms),
+        feasible=arr(lambda t, r: feasible(t, max_drop), bool),
+        front=arr(lambda t, r: t.number in front, bool),
+        baseline=[r.baseline or "" for _, r in scored],
+        float_acc=100 * fb.accuracy,
+        float_kb=fb.size_bytes / 1024,
+        float_lat=fb.latency_ms,
         max_drop=max_drop,
         n_objectives=len(study.directions),
         latency_desc=desc,
@@ -510,7 +521,7 @@ def pareto_figures(study: optuna.Study, *, max_drop: float | None = None) -> dic
 
 
 def _study_max_drop(study: optuna.Study) -> float | None:
-    return study.user_attrs.get("spec", {}).get("max_accuracy_drop")
+    return read_study_record(study).max_accuracy_drop
 
 
 def hypervolume_figure(study: optuna.Study, compare: optuna.Study | None = None) -> Figure:
@@ -527,13 +538,11 @@ def hypervolume_figure(study: optuna.Study, compare: optuna.Study | None = None)
         if s is None:
             continue
         trials = s.get_trials(deepcopy=False)
-        hv = hypervolume_history(
-            trials, s.user_attrs["float_baseline"]["size_bytes"], _study_max_drop(s)
-        )
+        hv = hypervolume_history(trials, read_float_baseline(s).size_bytes, _study_max_drop(s))
         if not hv:
             continue
         n = np.arange(1, len(hv) + 1)
-        sampler = s.user_attrs.get("spec", {}).get("sampler", "")
+        sampler = (read_study_record(s).spec or {}).get("sampler", "")
         ax.step(
             n,
             hv,
@@ -589,7 +598,8 @@ def bitmap_figure(
         return _empty("Per-layer bits", "no Pareto trials to show")
     keys = list(BIT_COLORS)
     cmap = ListedColormap([BIT_COLORS[k] for k in keys])
-    fb = study.user_attrs["float_baseline"]
+    records = [read_record(t) for t in trials]
+    fb = read_float_baseline(study)
     nr, nc = len(trials), len(layers)
     fontsize = 8 if nc <= 16 else 7 if nc <= 26 else 5.5
     fig = _figure(max(8.0, 2.6 + 0.5 * nc + 1.6), 2 * (0.28 * nr + 0.5) + 2.2)
@@ -600,8 +610,9 @@ def bitmap_figure(
         (axes[1], "activation", "activations (layer inputs)"),
     ):
         idx = np.zeros((nr, nc), int)
-        for r, t in enumerate(trials):
-            plan = QuantPlan.from_dict(t.user_attrs["plan"])
+        for r, record in enumerate(records):
+            plan = record.quant_plan
+            assert plan is not None, "a front trial without a plan"
             for c, name in enumerate(layers):
                 lp = plan.layers.get(name)
                 key, label = _cell(None if lp is None else getattr(lp, part))
@@ -629,10 +640,9 @@ def bitmap_figure(
         ax.set_yticks(
             range(nr),
             [
-                f"#{t.number}  {100 * t.user_attrs['accuracy']:.1f} %  "
-                f"{t.user_attrs['size_bytes'] / 1024:.1f} KB"
-                + (f"  ({t.user_attrs['baseline']})" if t.user_attrs.get("baseline") else "")
-                for t in trials
+                f"#{t.number}  {100 * rec.accuracy:.1f} %  {rec.size_bytes / 1024:.1f} KB"
+                + (f"  ({rec.baseline})" if rec.baseline else "")
+                for t, rec in zip(trials, records, strict=True)
             ],
             fontsize=fontsize + 0.5,
         )
@@ -666,8 +676,8 @@ def bitmap_figure(
         title_fontsize=8,
     )
     fig.suptitle(
-        f"Per-layer bit widths of the Pareto trials (float: {100 * fb['accuracy']:.1f} %, "
-        f"{fb['size_bytes'] / 1024:.1f} KB)\n"
+        f"Per-layer bit widths of the Pareto trials (float: {100 * fb.accuracy:.1f} %, "
+        f"{fb.size_bytes / 1024:.1f} KB)\n"
         "label: bits, c = per-channel scales, a = asymmetric (zero-point); "
         "no letter = per-tensor symmetric",
         fontsize=9,

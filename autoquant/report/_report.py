@@ -24,6 +24,7 @@ from autoquant.report._tables import (
     sensitivity_frame,
     trials_frame,
 )
+from autoquant.search import read_record, read_study_record
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -153,14 +154,14 @@ def _md_table(df: pd.DataFrame) -> str:
 
 def _failed_frame(study: optuna.Study) -> pd.DataFrame:
     rows = [
-        {"trial": t.number, "state": t.state.name, "reason": t.user_attrs.get("fail_reason", "")}
+        {"trial": t.number, "state": t.state.name, "reason": read_record(t).fail_reason or ""}
         for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL, TrialState.PRUNED))
     ]
     return pd.DataFrame(rows, columns=["trial", "state", "reason"])
 
 
 def _dashboard_command(study: optuna.Study) -> str:
-    storage = study.user_attrs.get("spec", {}).get("storage")
+    storage = (read_study_record(study).spec or {}).get("storage")
     url = storage or f"sqlite:///autoquant-runs/{study.study_name}/study.db"
     return f"optuna-dashboard {url}"
 
@@ -212,7 +213,7 @@ def write_report(
     """
     out = Path(out_dir)
     (out / "plots").mkdir(parents=True, exist_ok=True)
-    max_drop = study.user_attrs.get("spec", {}).get("max_accuracy_drop")
+    max_drop = read_study_record(study).max_accuracy_drop
     paths: dict[str, Path] = {}
 
     trials = trials_frame(study)

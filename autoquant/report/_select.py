@@ -11,27 +11,29 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
-from autoquant.report._tables import accuracy_drop, layer_order, points_text
+from autoquant.report._tables import accuracy_drop, layer_order, points_text, speedup
+from autoquant.search import OBJECTIVES, TrialRecord, read_float_baseline, read_record
 from autoquant.types import QuantPlan
 
-MINIMIZE = {"size": "size_bytes", "latency": "latency_ms"}
+# What best_trial can minimise: every minimised objective, by the record field it is stored in.
+MINIMIZE = {name: o.field for name, o in OBJECTIVES.items() if o.direction == "minimize"}
 _EPS = 1e-12  # a drop equal to the threshold (up to float noise) qualifies
 
-
-def _complete(study: optuna.Study) -> list[FrozenTrial]:
-    return [
-        t
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if "accuracy" in t.user_attrs
-    ]
+_Scored = tuple[FrozenTrial, TrialRecord]
 
 
-def _float(study: optuna.Study) -> dict[str, Any]:
-    return study.user_attrs["float_baseline"]
+def _complete(study: optuna.Study) -> list[_Scored]:
+    """Complete trials with a stored accuracy, each with its record."""
+    out = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        record = read_record(t)
+        if record.accuracy is not None:
+            out.append((t, record))
+    return out
 
 
-def _pick(trials: list[FrozenTrial], key: Callable[[FrozenTrial], Any]) -> FrozenTrial | None:
-    return min(trials, key=key) if trials else None
+def _pick(scored: list[_Scored], key: Callable[[_Scored], Any]) -> FrozenTrial | None:
+    return min(scored, key=key)[0] if scored else None
 
 
 def best_trial(
@@ -44,7 +46,7 @@ def best_trial(
 
     Example:
         >>> t = best_trial(study, max_drop=0.01, minimize="latency")  # doctest: +SKIP
-        >>> t.number, t.user_attrs["latency_ms"]  # doctest: +SKIP
+        >>> t.number, read_record(t).latency_ms  # doctest: +SKIP
     """
     if minimize not in MINIMIZE:
         raise ValueError(
@@ -53,21 +55,21 @@ def best_trial(
         )
     if max_drop is not None and not max_drop >= 0:
         raise ValueError(f"max_drop={max_drop!r} is not allowed; allowed values: a number >= 0")
-    base = _float(study)["accuracy"]
+    base = read_float_baseline(study).accuracy
     attr = MINIMIZE[minimize]
-    other = MINIMIZE["latency" if minimize == "size" else "size"]
+    others = [f for name, f in MINIMIZE.items() if name != minimize]
     ok = [
-        t for t in _complete(study) if max_drop is None or accuracy_drop(t, base) <= max_drop + _EPS
+        (t, r)
+        for t, r in _complete(study)
+        if max_drop is None or accuracy_drop(t, base) <= max_drop + _EPS
     ]
-    return _pick(
-        ok,
-        lambda t: (
-            t.user_attrs[attr],
-            -t.user_attrs["accuracy"],
-            t.user_attrs.get(other, math.inf),
-            t.number,
-        ),
-    )
+
+    def key(scored: _Scored) -> tuple[Any, ...]:
+        t, r = scored
+        rest = [math.inf if getattr(r, f) is None else getattr(r, f) for f in others]
+        return (getattr(r, attr), -r.accuracy, *rest, t.number)
+
+    return _pick(ok, key)
 
 
 def most_accurate_within_size(study: optuna.Study, *, size_fraction: float) -> FrozenTrial | None:
@@ -77,15 +79,15 @@ def most_accurate_within_size(study: optuna.Study, *, size_fraction: float) -> F
         raise ValueError(
             f"size_fraction={size_fraction!r} is not allowed; allowed values: a number > 0"
         )
-    limit = size_fraction * _float(study)["size_bytes"]
-    ok = [t for t in _complete(study) if t.user_attrs["size_bytes"] <= limit]
+    limit = size_fraction * read_float_baseline(study).size_bytes
+    ok = [(t, r) for t, r in _complete(study) if r.size_bytes is not None and r.size_bytes <= limit]
     return _pick(
         ok,
-        lambda t: (
-            -t.user_attrs["accuracy"],
-            t.user_attrs["size_bytes"],
-            t.user_attrs.get("latency_ms", math.inf),
-            t.number,
+        lambda s: (
+            -s[1].accuracy,
+            s[1].size_bytes,
+            math.inf if s[1].latency_ms is None else s[1].latency_ms,
+            s[0].number,
         ),
     )
 
@@ -154,25 +156,33 @@ def recommendations(
 
 def trial_metrics(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
     """Accuracy, drop, size and latency of a complete trial, relative to the float model."""
-    fb = _float(study)
-    ua = trial.user_attrs
-    lat = (ua.get("latency") or [{}])[0]
+    fb = read_float_baseline(study)
+    r = read_record(trial)
+    if r.accuracy is None or r.size_bytes is None:
+        raise ValueError(f"trial {trial.number} has no scores; only complete trials have")
     return {
-        "accuracy": ua["accuracy"],
-        "accuracy_drop": accuracy_drop(trial, fb["accuracy"]),
-        "size_bytes": ua["size_bytes"],
-        "size_ratio": ua["size_bytes"] / fb["size_bytes"],
-        "latency_ms": ua.get("latency_ms"),
-        "latency_iqr_ms": lat.get("iqr_ms"),
-        "speedup": fb["latency_ms"] / ua["latency_ms"] if ua.get("latency_ms") else None,
-        "plan_summary": ua.get("plan_summary", ""),
-        "baseline": ua.get("baseline"),
+        "accuracy": r.accuracy,
+        "accuracy_drop": accuracy_drop(trial, fb.accuracy),
+        "size_bytes": r.size_bytes,
+        "size_ratio": r.size_bytes / fb.size_bytes,
+        "latency_ms": r.latency_ms,
+        "latency_iqr_ms": r.latency_iqr_ms,
+        "speedup": speedup(r, fb),
+        "plan_summary": r.plan_summary or "",
+        "baseline": r.baseline,
     }
+
+
+def _plan(trial: FrozenTrial) -> QuantPlan:
+    plan = read_record(trial).quant_plan
+    if plan is None:
+        raise ValueError(f"trial {trial.number} stores no plan")
+    return plan
 
 
 def plan_rows(study: optuna.Study, trial: FrozenTrial) -> list[dict[str, Any]]:
     """One row per layer in model order: the weight and activation spec (float if absent)."""
-    plan = QuantPlan.from_dict(trial.user_attrs["plan"])
+    plan = _plan(trial)
     rows = []
     for name in layer_order(study):
         lp = plan.layers.get(name)
@@ -206,13 +216,19 @@ def best_payload(
         >>> t = best_trial(study, max_drop=0.01, minimize="size")  # doctest: +SKIP
         >>> json.dumps(best_payload(study, t, study_ref="studies/digits.toml"))  # doctest: +SKIP
     """
+    fb = read_float_baseline(study)
+    record = read_record(trial)
     return {
         "study": study.study_name,
         "trial": trial.number,
         **trial_metrics(study, trial),
-        "float": {k: _float(study)[k] for k in ("accuracy", "size_bytes", "latency_ms")},
-        "qat": trial.user_attrs.get("qat"),
-        "plan": trial.user_attrs["plan"],
+        "float": {
+            "accuracy": fb.accuracy,
+            "size_bytes": fb.size_bytes,
+            "latency_ms": fb.latency_ms,
+        },
+        "qat": record.qat,
+        "plan": record.plan,
         "layers": plan_rows(study, trial),
         "command": export_command(study_ref, trial.number),
     }

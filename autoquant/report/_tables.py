@@ -8,37 +8,51 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from autoquant.search import pareto_front
+from autoquant.search import (
+    FloatBaseline,
+    TrialRecord,
+    pareto_front,
+    read_float_baseline,
+    read_record,
+    read_study_record,
+)
 
 
-def _row(t: optuna.trial.FrozenTrial, baseline: dict[str, Any]) -> dict[str, Any]:
-    ua = t.user_attrs
-    lat = (ua.get("latency") or [{}])[0]
-    acc = ua.get("accuracy")
-    size = ua.get("size_bytes")
+def _text(value: str | None) -> str:
+    return "" if value is None else value
+
+
+def speedup(record: TrialRecord, baseline: FloatBaseline) -> float | None:
+    """Float latency / trial latency (None without a latency)."""
+    return baseline.latency_ms / record.latency_ms if record.latency_ms else None
+
+
+def _row(t: optuna.trial.FrozenTrial, baseline: FloatBaseline) -> dict[str, Any]:
+    r = read_record(t)
+    acc, size = r.accuracy, r.size_bytes
     return {
         "trial": t.number,
         "state": t.state.name,
-        "baseline": ua.get("baseline", ""),
+        "baseline": _text(r.baseline),
         "accuracy": acc,
-        "drop": (baseline["accuracy"] - acc) if acc is not None else None,
+        "drop": (baseline.accuracy - acc) if acc is not None else None,
         "size_bytes": size,
         "size_kb": size / 1024 if size is not None else None,
-        "size_ratio": size / baseline["size_bytes"] if size is not None else None,
-        "latency_ms": ua.get("latency_ms"),
-        "latency_iqr_ms": lat.get("iqr_ms"),
-        "speedup": (baseline["latency_ms"] / ua["latency_ms"]) if ua.get("latency_ms") else None,
-        "plan": ua.get("plan_summary", ""),
-        "qat_lr": (ua.get("qat") or {}).get("lr"),
-        "qat_steps": (ua.get("qat") or {}).get("steps"),
-        "trial_s": (ua.get("timing_s") or {}).get("total"),
-        "fail_reason": ua.get("fail_reason", ""),
+        "size_ratio": size / baseline.size_bytes if size is not None else None,
+        "latency_ms": r.latency_ms,
+        "latency_iqr_ms": r.latency_iqr_ms,
+        "speedup": speedup(r, baseline),
+        "plan": _text(r.plan_summary),
+        "qat_lr": r.qat_lr,
+        "qat_steps": r.qat_steps,
+        "trial_s": r.total_s,
+        "fail_reason": _text(r.fail_reason),
     }
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
     """One row per trial (every state) with metrics relative to the float baseline."""
-    baseline = study.user_attrs["float_baseline"]
+    baseline = read_float_baseline(study)
     rows = [_row(t, baseline) for t in study.get_trials(deepcopy=False)]
     return pd.DataFrame(rows, columns=list(_row_columns()))
 
@@ -70,7 +84,7 @@ def front_frame(study: optuna.Study, max_drop: float | None = None) -> pd.DataFr
     Example:
         >>> front_frame(study, max_drop=0.01)[["trial", "accuracy", "size_kb"]]  # doctest: +SKIP
     """
-    baseline = study.user_attrs["float_baseline"]
+    baseline = read_float_baseline(study)
     rows = [_row(t, baseline) for t in pareto_front(study, max_drop)]
     df = pd.DataFrame(rows, columns=_row_columns())
     return df.drop(columns=["state", "fail_reason"])
@@ -78,7 +92,7 @@ def front_frame(study: optuna.Study, max_drop: float | None = None) -> pd.DataFr
 
 def failed_frame(study: optuna.Study) -> pd.DataFrame:
     """Failed trials with their recorded reasons."""
-    baseline = study.user_attrs["float_baseline"]
+    baseline = read_float_baseline(study)
     rows = [_row(t, baseline) for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))]
     return pd.DataFrame(rows, columns=_row_columns())[["trial", "plan", "fail_reason"]]
 
@@ -151,18 +165,20 @@ def format_frame(df: pd.DataFrame, fmt: str = "table") -> str:
 
 def accuracy_drop(trial: optuna.trial.FrozenTrial, float_accuracy: float) -> float:
     """The stored accuracy drop, else float accuracy minus the trial's accuracy."""
-    ua = trial.user_attrs
-    if "accuracy_drop" in ua:
-        return float(ua["accuracy_drop"])
-    return float(float_accuracy - ua["accuracy"])
+    r = read_record(trial)
+    if r.accuracy_drop is not None:
+        return float(r.accuracy_drop)
+    if r.accuracy is None:
+        raise ValueError(f"trial {trial.number} has no accuracy")
+    return float(float_accuracy - r.accuracy)
 
 
 def layer_order(study: optuna.Study) -> list[str]:
     """Layer names in model order (study attrs), then any other layer the plans name."""
-    names = [layer["name"] for layer in study.user_attrs.get("layers", [])]
+    names = read_study_record(study).layer_names
     seen = set(names)
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        for name in (t.user_attrs.get("plan") or {}).get("layers", {}):
+        for name in (read_record(t).plan or {}).get("layers", {}):
             if name not in seen:
                 seen.add(name)
                 names.append(name)
@@ -182,23 +198,21 @@ def sensitivity_frame(
     Example:
         >>> sensitivity_frame(study).sort_values("gain", ascending=False)  # doctest: +SKIP
     """
-    from autoquant.types import QuantPlan
-
     names = layer_order(study)
     groups: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in names}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if "plan" not in t.user_attrs or "accuracy" not in t.user_attrs:
+        r = read_record(t)
+        if r.quant_plan is None or r.accuracy is None:
             continue
-        plan = QuantPlan.from_dict(t.user_attrs["plan"])
-        for name, lp in plan.layers.items():
+        for name, lp in r.quant_plan.layers.items():
             bits = lp.weight.bits
             if isinstance(bits, str):
                 continue
             if bits <= low_bits:
-                groups[name][0].append(t.user_attrs["accuracy"])
+                groups[name][0].append(r.accuracy)
             elif bits == high_bits:
-                groups[name][1].append(t.user_attrs["accuracy"])
-    types = {la["name"]: la for la in study.user_attrs.get("layers", [])}
+                groups[name][1].append(r.accuracy)
+    types = {la["name"]: la for la in read_study_record(study).layers or []}
     rows = []
     for name in names:
         low, high = groups[name]

@@ -11,9 +11,9 @@ import optuna
 import torch
 
 from autoquant.measure import LatencyCache, export_onnx, load_onnx, measure_latencies, ort_session
-from autoquant.types import QuantPlan
 
-from ._objective import SearchContext, replay
+from ._context import SearchContext, replay
+from ._record import read_float_baseline, read_record
 
 
 def _trial(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
@@ -47,10 +47,10 @@ def export_trial(
     trial = _trial(study, number)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    baseline = study.user_attrs["float_baseline"]
-    result = replay(ctx, trial.params, float_accuracy=baseline["accuracy"])
-    stored_plan = QuantPlan.from_dict(trial.user_attrs["plan"])
-    if result.plan != stored_plan:
+    baseline = read_float_baseline(study)
+    record = read_record(trial)
+    result = replay(ctx, trial.params, float_accuracy=baseline.accuracy)
+    if result.plan != record.quant_plan:
         raise RuntimeError(
             f"trial {number}: the study file's space no longer yields the stored "
             "plan; export with the study file the search ran with"
@@ -70,18 +70,22 @@ def export_trial(
         "trial": number,
         "task": ctx.spec.task,
         "stored": {
-            k: trial.user_attrs.get(k)
+            k: getattr(record, k)
             for k in ("accuracy", "accuracy_drop", "size_bytes", "size_ratio", "latency_ms")
         },
         "replayed": {
             "accuracy": result.values["accuracy"],
-            "size_bytes": result.attrs["size_bytes"],
-            "accuracy_drop": result.attrs.get("accuracy_drop"),
+            "size_bytes": result.record.size_bytes,
+            "accuracy_drop": result.record.accuracy_drop,
         },
         "deployed_accuracy_onnxruntime": deployed_accuracy(ctx, info.path),
-        "float_baseline": {k: baseline[k] for k in ("accuracy", "size_bytes", "latency_ms")},
-        "latency": trial.user_attrs.get("latency"),
-        "qat": trial.user_attrs.get("qat"),
+        "float_baseline": {
+            "accuracy": baseline.accuracy,
+            "size_bytes": baseline.size_bytes,
+            "latency_ms": baseline.latency_ms,
+        },
+        "latency": record.latency,
+        "qat": record.qat,
         "onnx": info.to_dict(),
         "files": sorted(p.name for p in out.iterdir()) + ["metadata.json"],
     }
@@ -105,8 +109,9 @@ def bench_trial_latency(
     The model is rebuilt from the plan and calibrated but not fine-tuned: integer kernels
     run at the same speed whatever the weight values, so the latency is the trial's.
     """
-    trial = _trial(study, number)
-    plan = QuantPlan.from_dict(trial.user_attrs["plan"])
+    plan = read_record(_trial(study, number)).quant_plan
+    if plan is None:
+        raise ValueError(f"trial {number} stores no plan")
     result = ctx.run_plan(plan, lr=0.0, steps=0, measure=False)
     ls = ctx.spec.latency
     sizes = batch_sizes or ls.batch_sizes

@@ -24,6 +24,9 @@ import optuna
 from optuna.exceptions import DuplicatedStudyError
 from optuna.study import StudyDirection
 
+from ._optuna_compat import find_study, study_user_attrs
+from ._optuna_compat import storage_of as storage_of  # for the examples below
+
 log = logging.getLogger("autoquant")
 
 
@@ -84,7 +87,7 @@ class Claims:
     """Atomic claims on named pieces of work, held through the study's storage.
 
     Args:
-        storage: the study's Optuna storage (``study._storage``).
+        storage: the study's Optuna storage (``storage_of(study)``).
         study_name: prefix of the marker studies.
         beater: refreshes the markers of held claims.
         grace_s: a claim whose beat does not change for this long is taken over.
@@ -177,7 +180,7 @@ class Claims:
 
     def _marker(self, key: str) -> tuple[int, Any] | None:
         try:
-            sid = self.storage.get_study_id_from_name(self.marker_name(key))
+            sid = find_study(self.storage, self.marker_name(key))
             return sid, self.storage.get_study_user_attrs(sid).get("beat")
         except KeyError:
             return None
@@ -247,8 +250,7 @@ class OptunaAttrStore:
         self.study = study
 
     def get(self, key: str) -> Any:
-        attrs = self.study._storage.get_study_user_attrs(self.study._study_id)
-        return attrs.get(self.prefix + key)
+        return study_user_attrs(self.study).get(self.prefix + key)
 
     def set(self, key: str, value: Any) -> None:
         self.study.set_user_attr(self.prefix + key, value)
@@ -264,7 +266,7 @@ class ClaimingAttrStore(OptunaAttrStore):
 
     Example:
         >>> study = optuna.create_study()
-        >>> store = ClaimingAttrStore(study, Claims(study._storage, "s", beater=Beater(1.0)))
+        >>> store = ClaimingAttrStore(study, Claims(storage_of(study), "s", beater=Beater(1.0)))
         >>> store.get("k") is None  # claimed: this worker measures
         True
         >>> store.set("k", {"median_ms": 1.0}); store.get("k")

@@ -9,12 +9,15 @@ import optuna
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from ._record import read_record
+
 
 def feasible(trial: FrozenTrial, max_drop: float | None) -> bool:
     """Whether a complete trial satisfies ``accuracy drop <= max_drop``."""
     if max_drop is None:
         return True
-    return trial.user_attrs.get("accuracy_drop", float("inf")) <= max_drop + 1e-12
+    drop = read_record(trial).accuracy_drop
+    return (float("inf") if drop is None else drop) <= max_drop + 1e-12
 
 
 def nondominated(points: np.ndarray) -> np.ndarray:
@@ -44,7 +47,7 @@ def pareto_front(study: optuna.Study, max_drop: float | None = None) -> list[Fro
     trials = [
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if feasible(t, max_drop) and "duplicate_of" not in t.user_attrs
+        if feasible(t, max_drop) and read_record(t).duplicate_of is None
     ]
     if not trials:
         return []
@@ -96,8 +99,9 @@ def hypervolume_history(
         if t.state != TrialState.COMPLETE:
             continue
         if feasible(t, max_drop):
-            acc.append(t.user_attrs["accuracy"])
-            size.append(t.user_attrs["size_bytes"])
+            record = read_record(t)
+            acc.append(record.accuracy)
+            size.append(record.size_bytes)
         hv = (
             hypervolume_2d(normalised_accuracy_size(acc, size, float_size), (1.0, 1.0))
             if acc

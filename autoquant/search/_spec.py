@@ -10,18 +10,18 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from autoquant.measure import BACKENDS
 from autoquant.space import SearchSpace
+from autoquant.train import OPTIMIZERS
 from autoquant.types import PlanError
+
+from ._objectives import OBJECTIVES, REQUIRED_OBJECTIVE, directions
+from ._samplers import SAMPLERS
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
-
-SAMPLERS = ("tpe", "nsga2", "gp", "random")
-OBJECTIVES = ("accuracy", "size", "latency")
-LATENCY_BACKENDS = ("onnxruntime", "torch-x86")
-OPTIMIZERS = ("sgd", "adam")
 
 
 class StudyFileError(PlanError):
@@ -70,7 +70,7 @@ class StudySpec:
     seed: int = 0
     storage: str | None = None
     device: str = "cpu"
-    objectives: tuple[str, ...] = OBJECTIVES
+    objectives: tuple[str, ...] = tuple(OBJECTIVES)
     max_accuracy_drop: float | None = None
     task_options: Mapping[str, Any] = field(default_factory=dict)
     space: SearchSpace = field(default_factory=SearchSpace)
@@ -80,7 +80,7 @@ class StudySpec:
 
     @property
     def directions(self) -> list[str]:
-        return ["maximize" if o == "accuracy" else "minimize" for o in self.objectives]
+        return directions(self.objectives)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form, stored on the study so reports can show the settings."""
@@ -195,7 +195,7 @@ def study_spec_from_dict(data: Mapping[str, Any], path: str = "<study>") -> Stud
     trials = _check(path, "study.trials", study.get("trials", 20), int)
     if trials < 1:
         raise StudyFileError(f"{path}: study.trials = {trials} must be >= 1")
-    sampler = _check(path, "study.sampler", study.get("sampler", "tpe"), str, SAMPLERS)
+    sampler = _check(path, "study.sampler", study.get("sampler", "tpe"), str, tuple(SAMPLERS))
     seed = _check(path, "study.seed", study.get("seed", 0), int)
     storage = study.get("storage")
     if storage is not None:
@@ -207,11 +207,12 @@ def study_spec_from_dict(data: Mapping[str, Any], path: str = "<study>") -> Stud
     _no_unknown(path, "objectives", objectives, {"use"})
     use = _check(path, "objectives.use", objectives.get("use", list(OBJECTIVES)), list)
     for o in use:
-        _check(path, "objectives.use[]", o, str, OBJECTIVES)
-    if "accuracy" not in use or len(set(use)) != len(use) or len(use) < 2:
+        _check(path, "objectives.use[]", o, str, tuple(OBJECTIVES))
+    if REQUIRED_OBJECTIVE not in use or len(set(use)) != len(use) or len(use) < 2:
+        others = ", ".join(repr(o) for o in OBJECTIVES if o != REQUIRED_OBJECTIVE)
         raise StudyFileError(
-            f"{path}: objectives.use = {use!r} must list 'accuracy' and at "
-            f"least one of 'size', 'latency', each once"
+            f"{path}: objectives.use = {use!r} must list {REQUIRED_OBJECTIVE!r} and at "
+            f"least one of {others}, each once"
         )
 
     constraint = data.get("constraint", {})
@@ -238,7 +239,8 @@ def study_spec_from_dict(data: Mapping[str, Any], path: str = "<study>") -> Stud
     qat = _dataclass_from(path, "qat", QATSettings, data.get("qat", {}))
     _check(path, "qat.optimizer", qat.optimizer, str, OPTIMIZERS)
     latency = _dataclass_from(path, "latency", LatencySettings, data.get("latency", {}))
-    _check(path, "latency.backend", latency.backend, str, LATENCY_BACKENDS)
+    # Any backend registered with autoquant.measure.register_backend (before loading).
+    _check(path, "latency.backend", latency.backend, str, tuple(BACKENDS))
 
     return StudySpec(
         name=name,

@@ -1,5 +1,8 @@
 """A synthetic study with the stored schema of autoquant.search, built without the pipeline.
 
+The trial and study records go through autoquant.search's writers (``record_attrs``,
+``write_study_record``), so the fixture stores exactly what a search stores.
+
 The trials are plausible (accuracy falls with fewer bits, more on sensitive layers; size is
 the packed size; latency grows with sub-8-bit layers) but fully deterministic, so the report
 tests do not depend on quant/transform/measure/train.
@@ -17,6 +20,13 @@ import optuna
 import pytest
 from optuna.trial import FrozenTrial, TrialState
 
+from autoquant.search import (
+    FloatBaseline,
+    StudyRecord,
+    TrialRecord,
+    record_attrs,
+    write_study_record,
+)
 from autoquant.types import LayerPlan, QuantPlan, QuantSpec
 
 # (name, type, params, macs, sensitivity): the first and last layers are the sensitive ones.
@@ -188,21 +198,23 @@ def build_study(
         study_name=name, storage=storage, directions=["maximize", "minimize", "minimize"]
     )
     fsize = float_size()
-    study.set_user_attr(
-        "float_baseline",
-        {
-            "accuracy": FLOAT_ACC,
-            "size_bytes": fsize,
-            "latency_ms": 0.62,
-            "latency": _latency_list(0.62, 0.03),
-        },
+    write_study_record(
+        study,
+        StudyRecord(
+            spec=_spec_dict(name),
+            layers=[
+                {"name": n, "type_name": t, "params": p, "macs": m} for n, t, p, m, _ in LAYERS
+            ],
+            task_info={"float_accuracy": FLOAT_ACC},
+            created="2026-01-05 09:00:00",
+            float_baseline=FloatBaseline(
+                accuracy=FLOAT_ACC,
+                size_bytes=fsize,
+                latency_ms=0.62,
+                latency=_latency_list(0.62, 0.03),
+            ),
+        ),
     )
-    study.set_user_attr("spec", _spec_dict(name))
-    study.set_user_attr(
-        "layers", [{"name": n, "type_name": t, "params": p, "macs": m} for n, t, p, m, _ in LAYERS]
-    )
-    study.set_user_attr("task_info", {"float_accuracy": FLOAT_ACC})
-    study.set_user_attr("created", "2026-01-05 09:00:00")
     study.set_user_attr("latency:abc", {"median_ms": 1.0})  # a cache entry: must be ignored
 
     rng = np.random.default_rng(seed + 1)
@@ -213,38 +225,39 @@ def build_study(
     items.insert(7, (TrialState.PRUNED, None, None))
     for number, (state, plan, baseline) in enumerate(items):
         start = START + dt.timedelta(seconds=40 * number)
-        ua: dict[str, Any] = {}
         values = None
-        if baseline:
-            ua["baseline"] = baseline
         if state == TrialState.FAIL:
-            ua["fail_reason"] = "NonFiniteLossError: non-finite QAT loss nan at step 3"
+            record = TrialRecord(
+                baseline=baseline,
+                fail_reason="NonFiniteLossError: non-finite QAT loss nan at step 3",
+            )
         elif state == TrialState.PRUNED:
-            ua["fail_reason"] = "budget already reached by other workers"
+            record = TrialRecord(
+                baseline=baseline, fail_reason="budget already reached by other workers"
+            )
         else:
             assert plan is not None
             acc, size, lat = score(plan, float(rng.normal(0, 0.002)))
-            ua.update(
-                {
-                    "plan": plan.to_dict(),
-                    "plan_summary": plan.summary(),
-                    "qat": {"lr": 0.001, "steps": 60, "optimizer": "adam"},
-                    "accuracy": acc,
-                    "accuracy_drop": FLOAT_ACC - acc,
-                    "size_bytes": size,
-                    "size_ratio": size / fsize,
-                    "latency_ms": lat,
-                    "latency": _latency_list(lat, round(0.02 + 0.01 * rng.random(), 4)),
-                    "loss_history": [1.0, 0.5, 0.3],
-                    "seed": 0,
-                    "timing_s": {
-                        "calibrate": 0.5,
-                        "qat": 20.0,
-                        "eval": 2.0,
-                        "measure": 3.0,
-                        "total": 25.5,
-                    },
-                }
+            record = TrialRecord(
+                baseline=baseline,
+                plan=plan.to_dict(),
+                plan_summary=plan.summary(),
+                qat={"lr": 0.001, "steps": 60, "optimizer": "adam"},
+                accuracy=acc,
+                accuracy_drop=FLOAT_ACC - acc,
+                size_bytes=size,
+                size_ratio=size / fsize,
+                latency_ms=lat,
+                latency=_latency_list(lat, round(0.02 + 0.01 * rng.random(), 4)),
+                loss_history=[1.0, 0.5, 0.3],
+                seed=0,
+                timing_s={
+                    "calibrate": 0.5,
+                    "qat": 20.0,
+                    "eval": 2.0,
+                    "measure": 3.0,
+                    "total": 25.5,
+                },
             )
             values = [acc, float(size), lat]
         study.add_trial(
@@ -257,7 +270,7 @@ def build_study(
                 datetime_complete=start + dt.timedelta(seconds=30),
                 params={},
                 distributions={},
-                user_attrs=ua,
+                user_attrs=record_attrs(record),
                 system_attrs={},
                 intermediate_values={},
                 trial_id=number,

@@ -17,19 +17,30 @@ from autoquant.report import (
     study_facts,
     trials_frame,
 )
-from autoquant.search import pareto_front
+from autoquant.search import (
+    FloatBaseline,
+    StudyRecord,
+    TrialRecord,
+    pareto_front,
+    read_record,
+    record_attrs,
+    write_study_record,
+)
 from autoquant.types import LayerPlan, QuantPlan, QuantSpec
 
 
 def _tiny_study(rows: list[tuple[dict[str, object], float]]) -> optuna.Study:
     """Layers a, b, c; each row: {layer: weight bits} (missing = float) and accuracy."""
     study = optuna.create_study(directions=["maximize", "minimize"])
-    study.set_user_attr(
-        "float_baseline", {"accuracy": 0.9, "size_bytes": 1000, "latency_ms": 1.0, "latency": []}
-    )
-    study.set_user_attr(
-        "layers",
-        [{"name": n, "type_name": "Linear", "params": 10, "macs": 10} for n in ("a", "b", "c")],
+    write_study_record(
+        study,
+        StudyRecord(
+            layers=[
+                {"name": n, "type_name": "Linear", "params": 10, "macs": 10}
+                for n in ("a", "b", "c")
+            ],
+            float_baseline=FloatBaseline(accuracy=0.9, size_bytes=1000, latency_ms=1.0),
+        ),
     )
     for bits, acc in rows:
         plan = QuantPlan(
@@ -41,16 +52,15 @@ def _tiny_study(rows: list[tuple[dict[str, object], float]]) -> optuna.Study:
         study.add_trial(
             optuna.trial.create_trial(
                 values=[acc, 100.0],
-                user_attrs={
-                    "plan": plan.to_dict(),
-                    "accuracy": acc,
-                    "size_bytes": 100,
-                    "latency_ms": 1.0,
-                },
+                user_attrs=record_attrs(
+                    TrialRecord(plan=plan.to_dict(), accuracy=acc, size_bytes=100, latency_ms=1.0)
+                ),
             )
         )
     study.add_trial(
-        optuna.trial.create_trial(state=TrialState.FAIL, user_attrs={"fail_reason": "boom"})
+        optuna.trial.create_trial(
+            state=TrialState.FAIL, user_attrs=record_attrs(TrialRecord(fail_reason="boom"))
+        )
     )
     return study
 
@@ -90,9 +100,9 @@ def test_sensitivity_on_toy_study_counts_every_trial(toy_study: optuna.Study) ->
     complete = toy_study.get_trials(states=(TrialState.COMPLETE,))
     for name in df.index:
         bits = [
-            QuantPlan.from_dict(t.user_attrs["plan"]).layers[name].weight.bits
+            QuantPlan.from_dict(read_record(t).plan).layers[name].weight.bits
             for t in complete
-            if name in t.user_attrs["plan"]["layers"]
+            if name in read_record(t).plan["layers"]
         ]
         assert df.loc[name, "n_w_le4"] == sum(isinstance(b, int) and b <= 4 for b in bits)
         assert df.loc[name, "n_w8"] == sum(b == 8 for b in bits)

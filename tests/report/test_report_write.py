@@ -19,7 +19,18 @@ from autoquant.report import (
     recommendations,
     write_report,
 )
-from autoquant.search import hypervolume_history, pareto_front
+from autoquant.search import (
+    FloatBaseline,
+    StudyRecord,
+    TrialRecord,
+    hypervolume_history,
+    pareto_front,
+    read_float_baseline,
+    read_record,
+    read_study_record,
+    record_attrs,
+    write_study_record,
+)
 from autoquant.types import QuantPlan
 
 pytest.importorskip("matplotlib")
@@ -96,11 +107,14 @@ def test_html_states_recommendations_and_header(
 
 def test_report_of_a_study_without_complete_trials(tmp_path: Path) -> None:
     study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
-    study.set_user_attr(
-        "float_baseline", {"accuracy": 0.9, "size_bytes": 4000, "latency_ms": 1.0, "latency": []}
+    write_study_record(
+        study,
+        StudyRecord(float_baseline=FloatBaseline(accuracy=0.9, size_bytes=4000, latency_ms=1.0)),
     )
     study.add_trial(
-        optuna.trial.create_trial(state=TrialState.FAIL, user_attrs={"fail_reason": "OOM"})
+        optuna.trial.create_trial(
+            state=TrialState.FAIL, user_attrs=record_attrs(TrialRecord(fail_reason="OOM"))
+        )
     )
     paths = write_report(study, tmp_path)
     page = paths["html"].read_text(encoding="utf-8")
@@ -117,25 +131,25 @@ def _offsets(ax: object, label_start: str) -> np.ndarray:
 
 
 def test_pareto_figures_draw_front_references_and_limit(toy_study: optuna.Study) -> None:
-    assert toy_study.user_attrs["spec"]["max_accuracy_drop"] == MAX_DROP
+    assert read_study_record(toy_study).max_accuracy_drop == MAX_DROP
     figs = pareto_figures(toy_study, max_drop=MAX_DROP)
     front = pareto_front(toy_study, MAX_DROP)
-    fb = toy_study.user_attrs["float_baseline"]
+    fb = read_float_baseline(toy_study)
     ax = figs["accuracy_size"].axes[0]
     got = {tuple(np.round(p, 6)) for p in _offsets(ax, "Pareto front")}
     want = {
-        (round(t.user_attrs["size_bytes"] / 1024, 6), round(100 * t.user_attrs["accuracy"], 6))
+        (round(read_record(t).size_bytes / 1024, 6), round(100 * read_record(t).accuracy, 6))
         for t in front
     }
     assert got == want
     assert {a.get_text() for a in ax.texts} == {f"#{t.number}" for t in front}
     limit = [ln for ln in ax.get_lines() if ln.get_label().startswith("accuracy limit")]
-    assert limit and limit[0].get_ydata()[0] == pytest.approx(100 * (fb["accuracy"] - MAX_DROP))
+    assert limit and limit[0].get_ydata()[0] == pytest.approx(100 * (fb.accuracy - MAX_DROP))
     star = _offsets(ax, "float32")
-    assert star.tolist() == [[fb["size_bytes"] / 1024, 100 * fb["accuracy"]]]
+    assert star.tolist() == [[fb.size_bytes / 1024, 100 * fb.accuracy]]
     w8 = _offsets(ax, "uniform w8a8")
-    (base,) = [t for t in toy_study.trials if t.user_attrs.get("baseline") == "w8a8"]
-    assert w8[0, 0] == pytest.approx(base.user_attrs["size_bytes"] / 1024)
+    (base,) = [t for t in toy_study.trials if read_record(t).baseline == "w8a8"]
+    assert w8[0, 0] == pytest.approx(read_record(base).size_bytes / 1024)
     assert ax.get_xlabel().startswith("packed model size (KB")
     assert ax.get_ylabel() == "top-1 accuracy (%)"
     assert "ms" in figs["accuracy_latency"].axes[0].get_xlabel()
@@ -164,9 +178,7 @@ def test_hypervolume_figure_draws_both_studies(
     steps = [ln for ln in fig.axes[0].get_lines() if ln.get_label().startswith("toy")]
     assert len(steps) == 2
     for line, study in zip(steps, (toy_study, other), strict=True):
-        hv = hypervolume_history(
-            study.trials, study.user_attrs["float_baseline"]["size_bytes"], MAX_DROP
-        )
+        hv = hypervolume_history(study.trials, read_float_baseline(study).size_bytes, MAX_DROP)
         assert np.allclose(line.get_ydata(), hv)
         assert line.get_label().startswith(study.study_name)
 
@@ -174,13 +186,13 @@ def test_hypervolume_figure_draws_both_studies(
 def test_bitmap_cells_match_plans(toy_study: optuna.Study) -> None:
     front = pareto_front(toy_study, MAX_DROP)
     fig = bitmap_figure(toy_study, front)
-    layers = [la["name"] for la in toy_study.user_attrs["layers"]]
+    layers = [la["name"] for la in read_study_record(toy_study).layers]
     for ax, part in zip(fig.axes[:2], ("weight", "activation"), strict=True):
         cells = {
             (round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts
         }
         for r, trial in enumerate(front):
-            plan = QuantPlan.from_dict(trial.user_attrs["plan"])
+            plan = QuantPlan.from_dict(read_record(trial).plan)
             for c, name in enumerate(layers):
                 lp = plan.layers.get(name)
                 want = (

@@ -22,9 +22,20 @@ import optuna
 import pytest
 from optuna.trial import FrozenTrial, TrialState
 
-from autoquant.search import load_study_spec, open_storage
+from autoquant.search import (
+    TrialRecord,
+    load_study_spec,
+    make_sampler,
+    open_storage,
+    read_float_baseline,
+    read_record,
+    record_attrs,
+)
+from autoquant.search._budget import taken_slots
+from autoquant.search._liveness import MAX_RETRY
 from autoquant.search._locks import Beater, ClaimingAttrStore, Claims
-from autoquant.search._study import MAX_RETRY, WORKER_LOST, make_sampler, taken_slots
+from autoquant.search._optuna_compat import storage_of
+from autoquant.search._record import WORKER_LOST
 
 ROOT = Path(__file__).resolve().parents[2]
 PG_URL = os.environ.get("AUTOQUANT_TEST_POSTGRES_URL", "")
@@ -71,7 +82,7 @@ def _trial(number: int, state: TrialState, **kw: Any) -> FrozenTrial:
         datetime_complete=kw.pop("ended", now if state.is_finished() else None),
         params={},
         distributions={},
-        user_attrs=kw.pop("user_attrs", {}),
+        user_attrs=record_attrs(kw.pop("record", TrialRecord())),
         system_attrs=kw.pop("system_attrs", {}),
         intermediate_values={},
         trial_id=number,
@@ -79,19 +90,19 @@ def _trial(number: int, state: TrialState, **kw: Any) -> FrozenTrial:
 
 
 def test_budget_slots_count_each_trial_once_and_keep_lost_trials_slots() -> None:
-    lost = {"fail_reason": f"{WORKER_LOST}: no heartbeat"}
+    lost = TrialRecord(fail_reason=f"{WORKER_LOST}: no heartbeat")
     old = datetime.now() - timedelta(minutes=10)
     trials = [
         _trial(0, TrialState.COMPLETE),
         _trial(1, TrialState.RUNNING),
-        _trial(2, TrialState.FAIL, user_attrs={"fail_reason": "ValueError: x"}),
+        _trial(2, TrialState.FAIL, record=TrialRecord(fail_reason="ValueError: x")),
         _trial(3, TrialState.PRUNED),
         _trial(4, TrialState.WAITING),
-        _trial(5, TrialState.FAIL, user_attrs=lost),  # lost; its retry is trial 8
-        _trial(6, TrialState.FAIL, user_attrs=lost, ended=old),  # lost long ago, no retry
-        _trial(7, TrialState.FAIL, user_attrs=lost, system_attrs={"retry_history": [1] * 2}),
+        _trial(5, TrialState.FAIL, record=lost),  # lost; its retry is trial 8
+        _trial(6, TrialState.FAIL, record=lost, ended=old),  # lost long ago, no retry
+        _trial(7, TrialState.FAIL, record=lost, system_attrs={"retry_history": [1] * 2}),
         _trial(8, TrialState.RUNNING, system_attrs={"failed_trial": 5, "retry_history": [5]}),
-        _trial(9, TrialState.FAIL, user_attrs=lost),  # lost just now: retry not queued yet
+        _trial(9, TrialState.FAIL, record=lost),  # lost just now: retry not queued yet
     ]
     assert MAX_RETRY == 2  # trial 7 has used its retries
     # Slots: 0, 1, 4, 5 (trials 5 and 8 share it), 9.
@@ -132,8 +143,8 @@ def test_exactly_one_of_several_processes_wins_a_claim(sqlite_url: str) -> None:
 
 def test_waiter_gets_the_value_the_holder_stores(sqlite_url: str) -> None:
     study = optuna.load_study(study_name="s", storage=sqlite_url)
-    holder = ClaimingAttrStore(study, Claims(study._storage, "s", beater=Beater(0.1)))
-    waiter_claims = Claims(study._storage, "s", beater=Beater(0.1), grace_s=5.0, poll_s=0.05)
+    holder = ClaimingAttrStore(study, Claims(storage_of(study), "s", beater=Beater(0.1)))
+    waiter_claims = Claims(storage_of(study), "s", beater=Beater(0.1), grace_s=5.0, poll_s=0.05)
     waiter = ClaimingAttrStore(study, waiter_claims)
     assert holder.get("k") is None  # claimed: the holder measures
     threading.Timer(0.5, holder.set, args=("k", {"median_ms": 1.5})).start()
@@ -250,7 +261,7 @@ def _check_outcomes(trials: list[FrozenTrial], budget: int) -> None:
     for t in trials:
         assert t.state in (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED), t
         if t.state != TrialState.COMPLETE:
-            assert t.user_attrs.get("fail_reason"), f"trial {t.number} has no reason"
+            assert read_record(t).fail_reason, f"trial {t.number} has no reason"
     # No plan is evaluated twice, except by a retry of a lost trial.
     ran = [
         tuple(sorted(t.params.items()))
@@ -277,12 +288,13 @@ def test_three_workers_fill_the_budget_exactly_and_measure_once(
     trials = study.get_trials()
     _check_outcomes(trials, budget)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert len({t.user_attrs["worker"] for t in complete}) >= 2, "the workers shared no work"
-    assert {t.user_attrs.get("baseline") for t in complete} >= {"w8a8", "w4a8"}
+    assert all(read_record(t).worker for t in complete)
+    assert len({read_record(t).worker for t in complete}) >= 2, "the workers shared no work"
+    assert {read_record(t).baseline for t in complete} >= {"w8a8", "w4a8"}
 
     # Each latency measurement was paid once; every other use of it was a cache hit.
-    entries = [e for t in complete for e in t.user_attrs["latency"]]
-    entries += study.user_attrs["float_baseline"]["latency"]
+    entries = [e for t in complete for e in read_record(t).latency]
+    entries += read_float_baseline(study).latency
     measured = Counter(e["key"] for e in entries if not e["cached"])
     assert measured and set(measured.values()) == {1}, measured
     assert {e["key"] for e in entries} == set(measured), "a cache hit without a measurement"
@@ -327,8 +339,15 @@ def test_killed_worker_trial_is_failed_with_a_reason_and_retried(
         except KeyError:
             time.sleep(0.2)
             continue
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            pid = int(str(t.user_attrs.get("worker", ":0")).rsplit(":", 1)[1])
+        trials = study.get_trials(deepcopy=False)
+        # Kill a trial in training, not while it suggests its plan: killed between two
+        # suggestions, it leaves a partial plan that its retry completes with new values.
+        # A complete trial shows how many parameters a whole plan has.
+        whole = max((len(t.params) for t in trials if t.state == TrialState.COMPLETE), default=0)
+        for t in trials:
+            if t.state != TrialState.RUNNING or not whole or len(t.params) < whole:
+                continue
+            pid = int(str(read_record(t).worker or ":0").rsplit(":", 1)[1])
             if pid in procs:
                 victim = (pid, t.number)
                 break
@@ -343,10 +362,11 @@ def test_killed_worker_trial_is_failed_with_a_reason_and_retried(
     _check_outcomes(trials, budget)
     lost = trials[lost_number]
     assert lost.state == TrialState.FAIL
-    assert lost.user_attrs["fail_reason"].startswith(WORKER_LOST)
+    assert read_record(lost).fail_reason.startswith(WORKER_LOST)
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == lost_number]
     assert len(retries) == 1
     retry = retries[0]
     assert retry.state == TrialState.COMPLETE and retry.params == lost.params
-    assert retry.user_attrs["retry_of"] == lost_number
-    assert retry.user_attrs["worker"] != lost.user_attrs["worker"]
+    assert read_record(retry).retry_of == lost_number
+    retry_worker, lost_worker = read_record(retry).worker, read_record(lost).worker
+    assert retry_worker and lost_worker and retry_worker != lost_worker

@@ -11,7 +11,7 @@ import torch
 from autoquant import load_plan
 from autoquant.cli import main
 from autoquant.measure import artifact_weight_bytes
-from autoquant.search import load_study, load_study_spec
+from autoquant.search import load_study, load_study_spec, read_record
 from autoquant.tasks import get_task
 from autoquant.transform import apply_plan
 
@@ -60,7 +60,7 @@ def test_export_writes_a_deployable_trial(study_file: Path, monkeypatch, capsys)
 
     # load_plan + apply_plan + the state dict rebuild the exported fake-quant model.
     study = load_study(load_study_spec(study_file))
-    assert load_plan(out).to_dict() == study.trials[1].user_attrs["plan"]
+    assert load_plan(out).to_dict() == read_record(study.trials[1]).plan
     task = get_task("digits-cnn")
     model = apply_plan(task.model_factory(), load_plan(out / "plan.json"))
     model.load_state_dict(torch.load(out / "state_dict.pt", weights_only=True))

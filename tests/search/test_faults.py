@@ -24,6 +24,7 @@ from autoquant.search import (
     StudyFileError,
     load_study_spec,
     open_storage,
+    read_record,
     run_search,
     study_spec_from_dict,
 )
@@ -263,14 +264,14 @@ def test_task_error_and_out_of_memory_fail_one_trial_each_and_the_study_goes_on(
     assert [t.state for t in trials] == [TrialState.COMPLETE] + [TrialState.FAIL] * 3 + [
         TrialState.COMPLETE
     ]
-    reasons = [t.user_attrs["fail_reason"] for t in trials[1:4]]
+    reasons = [read_record(t).fail_reason for t in trials[1:4]]
     assert reasons[0] == "ValueError: label 11 is outside the 10 classes"
     assert reasons[1].startswith("out of memory: RuntimeError:") and "allocate" in reasons[1]
     assert reasons[2] == "out of memory: OutOfMemoryError: CUDA out of memory. Tried to " + (
         "allocate 20.00 GiB"
     )
     for t in trials[1:4]:
-        assert "loss_fn" in t.user_attrs["traceback"]
+        assert "loss_fn" in read_record(t).traceback
 
 
 def _start_search(path: Path, env: dict[str, str]) -> subprocess.Popen[str]:
@@ -308,7 +309,9 @@ def test_ctrl_c_fails_the_trial_in_flight_and_a_rerun_resumes(tmp_path: Path) ->
             except Exception:  # not created yet
                 continue
             running = [
-                t for t in trials if t.state == TrialState.RUNNING and "worker" in t.user_attrs
+                t
+                for t in trials
+                if t.state == TrialState.RUNNING and read_record(t).worker is not None
             ]
             if running and any(t.state == TrialState.COMPLETE for t in trials):
                 interrupted = running[0].number
@@ -322,7 +325,7 @@ def test_ctrl_c_fails_the_trial_in_flight_and_a_rerun_resumes(tmp_path: Path) ->
 
     before = optuna.load_study(study_name="faults", storage=url).get_trials()
     assert before[interrupted].state == TrialState.FAIL, output
-    assert before[interrupted].user_attrs["fail_reason"] == "interrupted (Ctrl-C)"
+    assert read_record(before[interrupted]).fail_reason == "interrupted (Ctrl-C)"
     assert not [t for t in before if t.state == TrialState.RUNNING]
     kept = {t.number: t.values for t in before if t.state == TrialState.COMPLETE}
     assert kept
@@ -333,7 +336,7 @@ def test_ctrl_c_fails_the_trial_in_flight_and_a_rerun_resumes(tmp_path: Path) ->
     after = optuna.load_study(study_name="faults", storage=url).get_trials()
     assert sum(t.state == TrialState.COMPLETE for t in after) == 4
     assert {t.number: t.values for t in after if t.number in kept} == kept
-    assert after[interrupted].user_attrs["fail_reason"] == "interrupted (Ctrl-C)"
+    assert read_record(after[interrupted]).fail_reason == "interrupted (Ctrl-C)"
 
 
 # -- corrupted caches -----------------------------------------------------------------------

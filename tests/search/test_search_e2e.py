@@ -17,10 +17,13 @@ from autoquant.search import (
     SearchContext,
     load_study,
     pareto_front,
+    read_float_baseline,
+    read_record,
     replay,
     run_search,
     study_spec_from_dict,
 )
+from autoquant.search._optuna_compat import storage_of
 from autoquant.types import QuantPlan
 
 pytestmark = pytest.mark.slow
@@ -46,24 +49,24 @@ def test_digits_search_front_baselines_replay_and_resume(spec) -> None:
     study = run_search(spec, progress=False)
     complete = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(complete) == 4
-    assert {t.user_attrs.get("baseline") for t in complete} >= {"w8a8", "w4a8"}
+    assert {read_record(t).baseline for t in complete} >= {"w8a8", "w4a8"}
 
-    baseline = study.user_attrs["float_baseline"]
-    w8 = next(t for t in complete if t.user_attrs.get("baseline") == "w8a8")
-    assert {lp.short() for lp in QuantPlan.from_dict(w8.user_attrs["plan"]).layers.values()} == {
+    baseline = read_float_baseline(study)
+    w8 = next(t for t in complete if read_record(t).baseline == "w8a8")
+    assert {lp.short() for lp in QuantPlan.from_dict(read_record(w8).plan).layers.values()} == {
         "w8ca8a"
     }
-    assert baseline["accuracy"] - w8.user_attrs["accuracy"] < 0.03
-    assert w8.user_attrs["size_bytes"] < baseline["size_bytes"] / 3
+    assert baseline.accuracy - read_record(w8).accuracy < 0.03
+    assert read_record(w8).size_bytes < baseline.size_bytes / 3
 
     front = pareto_front(study, spec.max_accuracy_drop)
     assert front, "the front must not be empty"
     for t in front:
-        assert t.user_attrs["accuracy_drop"] <= spec.max_accuracy_drop
+        assert read_record(t).accuracy_drop <= spec.max_accuracy_drop
         assert t.constraints == {
-            "accuracy_drop": pytest.approx(t.user_attrs["accuracy_drop"] - spec.max_accuracy_drop)
+            "accuracy_drop": pytest.approx(read_record(t).accuracy_drop - spec.max_accuracy_drop)
         }
-        others = [o for o in complete if o.user_attrs["accuracy_drop"] <= spec.max_accuracy_drop]
+        others = [o for o in complete if read_record(o).accuracy_drop <= spec.max_accuracy_drop]
         assert not any(
             o.values[0] >= t.values[0]
             and all(a <= b for a, b in zip(o.values[1:], t.values[1:], strict=True))
@@ -74,11 +77,11 @@ def test_digits_search_front_baselines_replay_and_resume(spec) -> None:
     # Every stored plan replays through FixedTrial to the same metrics.
     ctx = SearchContext(spec, latency_cache=LatencyCache(OptunaAttrStore(study)))
     for t in complete:
-        result = replay(ctx, t.params, float_accuracy=baseline["accuracy"])
-        assert result.plan == QuantPlan.from_dict(t.user_attrs["plan"])
-        assert result.values["accuracy"] == pytest.approx(t.user_attrs["accuracy"], abs=0.01)
-        assert result.values["size"] == t.user_attrs["size_bytes"]
-        assert result.attrs["latency"][0]["cached"], "same deployed graph: cache hit"
+        result = replay(ctx, t.params, float_accuracy=baseline.accuracy)
+        assert result.plan == QuantPlan.from_dict(read_record(t).plan)
+        assert result.values["accuracy"] == pytest.approx(read_record(t).accuracy, abs=0.01)
+        assert result.values["size"] == read_record(t).size_bytes
+        assert result.record.latency[0]["cached"], "same deployed graph: cache hit"
 
     # A second invocation resumes: nothing is redone, and a larger budget only adds trials.
     first_numbers = [t.number for t in complete]
@@ -106,7 +109,7 @@ def test_nan_loss_fails_one_trial_and_the_study_completes(spec) -> None:
     study = run_search(spec, ctx=ctx, progress=False)
     failed = study.get_trials(states=(TrialState.FAIL,))
     assert len(failed) == 1
-    assert "non-finite QAT loss" in failed[0].user_attrs["fail_reason"]
+    assert "non-finite QAT loss" in read_record(failed[0]).fail_reason
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 3
 
 
@@ -114,4 +117,4 @@ def test_resume_keeps_the_study_and_rejects_other_objectives(spec) -> None:
     load_study(spec)
     with pytest.raises(Exception, match="other objectives"):
         load_study(replace(spec, objectives=("accuracy", "size")))
-    assert optuna.get_all_study_names(load_study(spec)._storage) == ["e2e"]
+    assert optuna.get_all_study_names(storage_of(load_study(spec))) == ["e2e"]

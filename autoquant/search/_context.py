@@ -1,11 +1,17 @@
-"""One trial: plan → fake-quant model → calibrate → QAT → evaluate → size → latency."""
+"""One plan's pipeline: fake-quant model → calibrate → QAT → evaluate → size → latency.
+
+:class:`SearchContext` holds what every trial of a study shares in one process (task, float
+model, data, latency cache); :meth:`SearchContext.run_plan` scores one plan into a
+:class:`TrialResult` whose :class:`~autoquant.search.TrialRecord` is what the trial stores.
+Nothing here knows about Optuna's studies: :func:`replay` runs a stored trial again from its
+parameters alone.
+"""
 
 from __future__ import annotations
 
 import copy
-import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -14,7 +20,7 @@ from torch import nn
 from autoquant.measure import LatencyCache, measure_latencies
 from autoquant.space import plan_from_trial, qat_params_from_trial
 from autoquant.space._space import ChoiceTrial
-from autoquant.tasks import Task, get_task
+from autoquant.tasks import Task, TaskError, get_task
 from autoquant.train import evaluate, qat_finetune
 from autoquant.transform import (
     apply_plan,
@@ -25,21 +31,30 @@ from autoquant.transform import (
     packed_size_bytes,
     quantizable_layers,
 )
-from autoquant.types import QuantPlan
+from autoquant.types import PlanError, QuantPlan
 
-from ._spec import StudySpec
+from ._record import TrialRecord, record_attrs
+from ._spec import StudyFileError, StudySpec
 
 _MAX_HISTORY = 200  # loss points kept per trial; longer histories are subsampled
 
 
 @dataclass
 class TrialResult:
-    """What :func:`SearchContext.run_plan` produces; ``attrs`` go onto the Optuna trial."""
+    """What :func:`SearchContext.run_plan` produces; ``record`` is what the trial stores.
+
+    ``values`` holds every objective's score by name (see :data:`OBJECTIVES`).
+    """
 
     model: nn.Module
     plan: QuantPlan
     values: dict[str, float]
-    attrs: dict[str, Any] = field(default_factory=dict)
+    record: TrialRecord
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """The record as the trial's user attributes (kept for callers of earlier versions)."""
+        return record_attrs(self.record)
 
 
 class SearchContext:
@@ -141,22 +156,21 @@ class SearchContext:
         timing["measure"] = time.perf_counter() - t
         timing["total"] = time.perf_counter() - t0
 
-        attrs: dict[str, Any] = {
-            "plan": plan.to_dict(),
-            "plan_summary": plan.summary(),
-            "qat": {"lr": lr, "steps": steps, "optimizer": spec.qat.optimizer},
-            "accuracy": accuracy,
-            "size_bytes": size,
-            "latency_ms": latencies[0]["median_ms"],
-            "latency": latencies,
-            "loss_history": _subsample(history, _MAX_HISTORY),
-            "timing_s": {k: round(v, 4) for k, v in timing.items()},
-            "seed": spec.seed,
-        }
-        if float_accuracy is not None:
-            attrs["accuracy_drop"] = float_accuracy - accuracy
+        record = TrialRecord(
+            plan=plan.to_dict(),
+            plan_summary=plan.summary(),
+            qat={"lr": lr, "steps": steps, "optimizer": spec.qat.optimizer},
+            accuracy=accuracy,
+            accuracy_drop=None if float_accuracy is None else float_accuracy - accuracy,
+            size_bytes=size,
+            latency_ms=latencies[0]["median_ms"],
+            latency=latencies,
+            loss_history=_subsample(history, _MAX_HISTORY),
+            timing_s={k: round(v, 4) for k, v in timing.items()},
+            seed=spec.seed,
+        )
         values = {"accuracy": accuracy, "size": float(size), "latency": latencies[0]["median_ms"]}
-        return TrialResult(model=model, plan=plan, values=values, attrs=attrs)
+        return TrialResult(model=model, plan=plan, values=values, record=record)
 
     def _latencies(self, model: nn.Module, plan: QuantPlan | None) -> list[dict[str, Any]]:
         """Latency at every configured batch size, deploying the model once (cached)."""
@@ -184,13 +198,17 @@ def _subsample(values: list[float], n: int) -> list[float]:
     return [float(values[int(i * step)]) for i in range(n)]
 
 
-def objective_values(values: dict[str, float], objectives: tuple[str, ...]) -> list[float]:
-    out = [values[o] for o in objectives]
-    if not all(math.isfinite(v) for v in out):
-        raise FloatingPointError(
-            f"non-finite objective values {dict(zip(objectives, out, strict=True))}"
-        )
-    return out
+def build_context(spec: StudySpec, cache: LatencyCache) -> SearchContext:
+    """The search context; a space or task that does not fit names the study file."""
+    where = spec.source or spec.name
+    try:
+        return SearchContext(spec, latency_cache=cache)
+    except StudyFileError:
+        raise
+    except PlanError as e:
+        raise StudyFileError(f"{where}: [space]: {e}") from None
+    except TaskError as e:
+        raise StudyFileError(f"{where}: task.name = {spec.task!r}: {e}") from None
 
 
 def replay(
