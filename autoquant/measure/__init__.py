@@ -19,14 +19,16 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any
+
 from autoquant.measure._cache import JsonFileStore, KeyValueStore, LatencyCache, MemoryStore
-from autoquant.measure._deploy import (
+from autoquant.measure._deploy import float_clone
+from autoquant.measure._formats import (
     SATURATION_ENV,
     LayerFormat,
     TensorFormat,
     architecture_hash,
     describe_layer,
-    float_clone,
     graph_signature,
     int8_saturates,
     layer_formats,
@@ -47,18 +49,32 @@ from autoquant.measure._latency import (
     measure_latency,
     register_backend,
 )
-from autoquant.measure._onnx import (
-    SIZE_ROLES,
-    ExportInfo,
-    artifact_size_rows,
-    artifact_weight_bytes,
-    export_onnx,
-    fused_op_types,
-    load_onnx,
-    ort_session,
-)
 from autoquant.measure._pack import SIDECAR_NAME, pack_bits, read_sidecar, unpack_bits
 from autoquant.measure._torch_x86 import lower_to_torch_x86
+
+# The ONNX export needs the optional ``onnx`` package: its names load on first use, so that
+# ``import autoquant.measure`` and the torch-x86 backend work without it.
+_ONNX_NAMES = frozenset(
+    {
+        "SIZE_ROLES",
+        "ExportInfo",
+        "artifact_size_rows",
+        "artifact_weight_bytes",
+        "export_onnx",
+        "fused_op_types",
+        "load_onnx",
+        "ort_session",
+    }
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ONNX_NAMES:
+        from autoquant.measure import onnx as _onnx_package
+
+        return getattr(_onnx_package, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BACKENDS",

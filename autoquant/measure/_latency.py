@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from autoquant.measure._cache import LatencyCache
-from autoquant.measure._deploy import graph_signature, plan_formats
+from autoquant.measure._formats import graph_signature, plan_formats
 from autoquant.measure._timing import check_protocol, time_calls
 from autoquant.train import torch_threads
 from autoquant.transform import fold_batchnorm
@@ -156,7 +156,7 @@ class OnnxRuntimeBackend:
 
         import onnx
 
-        from autoquant.measure._onnx import build_qdq, ort_session
+        from autoquant.measure.onnx import build_qdq, ort_session
 
         qdq = build_qdq(model, plan, example_input, calib_inputs)
         with tempfile.TemporaryDirectory() as tmp:
@@ -172,7 +172,7 @@ class OnnxRuntimeBackend:
     def version(self) -> str:
         import onnxruntime
 
-        from autoquant.measure._onnx import EXPORT_REVISION
+        from autoquant.measure.onnx import EXPORT_REVISION
 
         return f"onnxruntime-{onnxruntime.__version__}+export{EXPORT_REVISION}"
 

@@ -25,14 +25,10 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
-from autoquant.measure._deploy import (
-    DeployedLayer,
-    IntQ,
-    Requant,
-    activation_intq,
-    plan_formats,
-)
-from autoquant.measure._onnx import analyse
+from autoquant.measure._deploy import DeployedLayer, IntQ, activation_intq
+from autoquant.measure._formats import plan_formats
+from autoquant.measure._requant import Requant
+from autoquant.measure.onnx import analyse
 from autoquant.quant import FakeQuantize
 from autoquant.transform import add_outputs, strip_add_quantizers
 from autoquant.types import QuantPlan
@@ -250,7 +246,7 @@ def lower_to_torch_x86(
         >>> from autoquant.transform import apply_plan, calibration
         >>> from autoquant.types import QuantSpec
         >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16, 2))
-        >>> plan = QuantPlan.uniform(["0", "3"], QuantSpec(bits=8), QuantSpec(bits=8))
+        >>> plan = QuantPlan.uniform(["0", "3"], QuantSpec(bits=4), QuantSpec(bits=8))
         >>> q = apply_plan(net, plan)
         >>> with calibration(q):
         ...     _ = q(torch.randn(8, 1, 4, 4))

@@ -5,7 +5,8 @@ pass package): the pass split must not change any exported graph. A digest cover
 model that :func:`~autoquant.measure.load_onnx` returns (every node with its inputs, outputs
 and attributes, every initializer's bytes, graph inputs and outputs, opsets, metadata), with
 nodes and initializers sorted by name (their order in the protobuf is not part of the graph),
-plus the bytes of ONNX Runtime's output on a fixed input and the export's size figures.
+plus the bytes of ONNX Runtime's output on a fixed input and the export's size figures; and the
+digest of the ``.onnx`` file's bytes.
 
 The graph digests depend on the exporter (torch) and onnx versions, the output digests also on
 ONNX Runtime and the CPU (its kernels); each is checked only where they match the recording.
@@ -218,6 +219,7 @@ def _record(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[
     x86 = lower_to_torch_x86(model, plan, batches[0][:1], calib_inputs=batches)[1] if plan else {}
     return {
         "x86_formats": x86,
+        "file": hashlib.sha256(path.read_bytes()).hexdigest(),
         "graph": canonical_digest(proto),
         "ort_output": hashlib.sha256(np.ascontiguousarray(out).tobytes()).hexdigest(),
         "weight_bytes": info.weight_bytes,
