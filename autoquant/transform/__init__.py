@@ -32,6 +32,16 @@ from autoquant.transform._apply import (
     quantized_layers,
 )
 from autoquant.transform._fold import conv_bn_pairs, fold_batchnorm, fold_batchnorm_
+from autoquant.transform._grid_rules import (
+    GRID_RULES,
+    IDENTITY_RULE,
+    ONNX_GRID_RULES,
+    RELU_RULE,
+    GridRule,
+    GridUse,
+    fx_rule,
+    reached_grid,
+)
 from autoquant.transform._inputs import (
     Inputs,
     as_tuple,
@@ -51,6 +61,12 @@ from autoquant.transform._registry import (
 from autoquant.transform._size import SizeRow, float_size_bytes, packed_size_bytes, size_breakdown
 
 __all__ = [
+    "GRID_RULES",
+    "IDENTITY_RULE",
+    "ONNX_GRID_RULES",
+    "RELU_RULE",
+    "GridRule",
+    "GridUse",
     "Inputs",
     "LayerInfo",
     "QConv1d",
@@ -70,6 +86,7 @@ __all__ = [
     "float_size_bytes",
     "fold_batchnorm",
     "fold_batchnorm_",
+    "fx_rule",
     "inputs_to",
     "map_inputs",
     "packed_size_bytes",
@@ -78,6 +95,7 @@ __all__ = [
     "quantizable_types",
     "quantize_adds",
     "quantized_layers",
+    "reached_grid",
     "register_quantizable",
     "size_breakdown",
     "strip_add_quantizers",

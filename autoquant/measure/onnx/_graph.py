@@ -9,28 +9,11 @@ import onnx
 from onnx import helper
 
 from autoquant.measure._requant import layer_grid
+from autoquant.transform import ONNX_GRID_RULES, RELU_RULE, GridRule, GridUse, reached_grid
 
 MARK_DOMAIN = "autoquant"
 #: Op type of the marks where the fake-quant model calls a quantized add's quantizer.
 ADD_MARK = "Mark"
-
-# Ops through which per-tensor quantization commutes exactly (monotone or pure data
-# movement, zero kept at zero), so a producer may quantize onto its consumer's grid.
-COMMUTING_OPS = frozenset(
-    {
-        "Relu",
-        "MaxPool",
-        "Flatten",
-        "Reshape",
-        "Identity",
-        "Squeeze",
-        "Unsqueeze",
-        "Transpose",
-        "Dropout",
-    }
-)
-GRID_KEEPING_OPS = COMMUTING_OPS | {"Slice", "Pad"}
-RESHAPE_OPS = ("Flatten", "Reshape", "Squeeze", "Identity")
 
 
 def attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
@@ -81,9 +64,18 @@ def is_zero_pad(node: onnx.NodeProto) -> bool:
     )
 
 
+def grid_rule(node: onnx.NodeProto) -> GridRule | None:
+    """The rule (:data:`~autoquant.transform.GRID_RULES`) by which ``node`` keeps its first
+    input's grid, or None."""
+    rule = ONNX_GRID_RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+    if rule is None or (rule.zero_pad_only and not is_zero_pad(node)) or len(node.output) != 1:
+        return None
+    return rule
+
+
 def grids_of(nodes: list[onnx.NodeProto], through_ops: bool = True) -> dict[str, str]:
     """``{tensor: grid prefix}`` of the tensors on a per-tensor grid: DequantizeLinear outputs
-    and (``through_ops``) what reaches them through commuting ops."""
+    and (``through_ops``) what reaches them through grid-keeping ops."""
     on = {
         n.output[0]: n.input[1][: -len("_scale")]
         for n in nodes
@@ -93,7 +85,7 @@ def grids_of(nodes: list[onnx.NodeProto], through_ops: bool = True) -> dict[str,
     while changed:
         changed = False
         for n in nodes:
-            if n.op_type in COMMUTING_OPS and n.input[0] in on and n.output[0] not in on:
+            if grid_rule(n) and n.input[0] in on and n.output[0] not in on:
                 on[n.output[0]] = on[n.input[0]]
                 changed = True
     return on
@@ -105,33 +97,35 @@ def layer_chains(
     marks: Mapping[int, tuple[onnx.NodeProto, str]] | None = None,
 ) -> dict[str, tuple[str | None, bool]]:
     """Per layer: the one grid (see :func:`~autoquant.measure._requant.layer_grid`) that every
-    consumer of its output reads through commuting ops (or None), and whether the output's only
-    consumer is a ReLU. Consumers are layers (their input grid) and ``marks`` (an add's
+    reader of its output reads it on through grid-keeping ops
+    (:func:`~autoquant.transform.reached_grid`), or None, and whether the output's only reader
+    is a ReLU. Readers with a grid are layers (their input grid) and ``marks`` (an add's
     quantizer). ``nodes`` maps each layer to its located node (``.node``)."""
     graph = proto.graph
-    uses = consumers(graph.node)
+    readers = consumers(graph.node)
     outputs = {o.name for o in graph.output}
     layer_of = {id(ln.node): name for name, ln in nodes.items()}
     mark_of = {k: target for k, (_, target) in (marks or {}).items()}
+
+    def uses(t: Any) -> list[GridUse]:
+        if t in outputs:
+            return []
+        out = []
+        for node, idx in readers.get(t, []):
+            if id(node) in layer_of and idx == 0:
+                out.append(GridUse(grid=layer_grid(layer_of[id(node)])))
+            elif id(node) in mark_of:
+                out.append(GridUse(grid=mark_of[id(node)]))
+            elif idx == 0 and grid_rule(node) is not None:
+                out.append(GridUse(passes=node.output[0]))
+            else:
+                out.append(GridUse())
+        return out
+
     chains: dict[str, tuple[str | None, bool]] = {}
     for name, ln in nodes.items():
         t = ln.node.output[0]
-        first = uses.get(t, [])
-        relu = len(first) == 1 and first[0][0].op_type == "Relu" and t not in outputs
-        grids: set[str] = set()
-        pending, ok = [t], True
-        while pending and ok:
-            t = pending.pop()
-            if t in outputs or not uses.get(t):
-                ok = False
-            for node, idx in uses.get(t, []):
-                if id(node) in layer_of and idx == 0:
-                    grids.add(layer_grid(layer_of[id(node)]))
-                elif id(node) in mark_of:
-                    grids.add(mark_of[id(node)])
-                elif node.op_type in COMMUTING_OPS and idx == 0 and len(node.output) == 1:
-                    pending.append(node.output[0])
-                else:
-                    ok = False
-        chains[name] = (grids.pop() if ok and len(grids) == 1 else None, relu)
+        first = readers.get(t, [])
+        relu = len(first) == 1 and grid_rule(first[0][0]) is RELU_RULE and t not in outputs
+        chains[name] = (reached_grid(t, uses), relu)
     return chains

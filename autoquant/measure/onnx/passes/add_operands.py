@@ -3,13 +3,7 @@
 from __future__ import annotations
 
 from autoquant.measure.onnx._context import Pass, QDQContext
-from autoquant.measure.onnx._graph import (
-    GRID_KEEPING_OPS,
-    attr,
-    consumer_nodes,
-    is_zero_pad,
-    producers,
-)
+from autoquant.measure.onnx._graph import attr, consumer_nodes, grid_rule, producers
 
 
 def run(ctx: QDQContext) -> None:
@@ -31,9 +25,7 @@ def run(ctx: QDQContext) -> None:
         for t in add.input:
             chain = []
             p = made_by.get(t)
-            while p is not None and p.op_type in GRID_KEEPING_OPS and p.input:
-                if p.op_type == "Pad" and not is_zero_pad(p):
-                    break
+            while p is not None and grid_rule(p) is not None:
                 chain.append(p)
                 p = made_by.get(p.input[0])
             if not chain or p is None or p.op_type != "DequantizeLinear" or attr(p, "axis", None):

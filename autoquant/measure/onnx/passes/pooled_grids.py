@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from autoquant.measure.onnx._context import Pass, QDQContext
-from autoquant.measure.onnx._graph import RESHAPE_OPS, consumer_nodes, producers
+from autoquant.measure.onnx._graph import consumer_nodes, grid_rule, producers
 
 _POOL_OPS = ("GlobalAveragePool", "AveragePool")
 
 
 def run(ctx: QDQContext) -> None:
-    """Give an average pool that reaches an integer layer through reshapes that layer's input
-    grid right after it (exact: reshapes commute), so that it runs on integers.
+    """Give an average pool that reaches an integer layer through grid-keeping ops (reshapes)
+    that layer's input grid right after it (exact: those ops commute with quantization), so
+    that it runs on integers.
     """
     ed, an = ctx.editor, ctx.analysis
     readers = consumer_nodes(ed.nodes)
@@ -20,7 +21,7 @@ def run(ctx: QDQContext) -> None:
         if q is None or q.axis is not None or q.clip or not dl.format.int_kernel:
             continue
         p = made_by.get(an.nodes[name].node.input[0])
-        while p is not None and p.op_type in RESHAPE_OPS:
+        while p is not None and grid_rule(p) is not None:
             if len(readers.get(p.output[0], [])) != 1:
                 break
             p = made_by.get(p.input[0])
