@@ -49,6 +49,14 @@ from autoquant.measure._latency import (
     measure_latency,
     register_backend,
 )
+from autoquant.measure._layers import (
+    LayerDeployment,
+    OnnxOp,
+    deployment_of,
+    deployments,
+    register_deployment,
+    unregister_deployment,
+)
 from autoquant.measure._pack import SIDECAR_NAME, pack_bits, read_sidecar, unpack_bits
 from autoquant.measure._torch_x86 import lower_to_torch_x86
 
@@ -87,14 +95,18 @@ __all__ = [
     "LatencyBackend",
     "LatencyCache",
     "LatencyResult",
+    "LayerDeployment",
     "LayerFormat",
     "MemoryStore",
+    "OnnxOp",
     "OnnxRuntimeBackend",
     "TensorFormat",
     "TorchX86Backend",
     "architecture_hash",
     "artifact_size_rows",
     "artifact_weight_bytes",
+    "deployment_of",
+    "deployments",
     "describe_layer",
     "export_onnx",
     "float_clone",
@@ -115,6 +127,8 @@ __all__ = [
     "plan_formats",
     "read_sidecar",
     "register_backend",
+    "register_deployment",
     "tensor_format",
     "unpack_bits",
+    "unregister_deployment",
 ]

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from autoquant.measure._formats import LayerFormat
+from autoquant.measure._layers import deployment_of
 from autoquant.quant import FakeQuantize, quantize
 from autoquant.transform import (
     fold_batchnorm,
@@ -126,6 +127,18 @@ def deployed_layers(model: nn.Module, plan: QuantPlan) -> dict[str, DeployedLaye
                 f"plan layer {name!r} is not a fake-quant layer of the model; pass "
                 "the calibrated result of autoquant.transform.apply_plan(model, "
                 f"plan) (quantized layers: {sorted(wrappers)})"
+            )
+        dep = deployment_of(layer)
+        if dep is None:
+            kind = layer.float_type.__name__
+            raise PlanError(
+                f"layer {name!r} ({kind}) has no deployment; declare one with "
+                f"autoquant.measure.register_deployment({kind}, onnx=[...], x86=...)"
+            )
+        if not dep.integer_kernel and lp.activation.bits != "fp32":
+            raise PlanError(
+                f"layer {name!r} ({layer.float_type.__name__}) deploys weight-only: "
+                f"activation bits={lp.activation.bits!r} is not allowed; allowed values: 'fp32'"
             )
         if layer.layer_plan != lp:
             raise PlanError(

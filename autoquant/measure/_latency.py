@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from autoquant.measure._cache import LatencyCache
 from autoquant.measure._formats import graph_signature, plan_formats
+from autoquant.measure._layers import deployment_of, deployments
 from autoquant.measure._timing import check_protocol, time_calls
 from autoquant.train import torch_threads
 from autoquant.transform import fold_batchnorm
@@ -163,7 +164,8 @@ class OnnxRuntimeBackend:
             optimized = Path(tmp) / "optimized.onnx"
             session = ort_session(qdq.proto, threads, optimized)
             ops = [n.op_type for n in onnx.load(str(optimized)).graph.node]
-        kernels = {op: ops.count(op) for op in sorted(set(ops)) if op in _KERNEL_OPS}
+        layer_ops = {o.op_type for d in deployments().values() for o in d.onnx}
+        kernels = {op: ops.count(op) for op in sorted(set(ops)) if op in _KERNEL_OPS | layer_ops}
         return _OrtDeployed(session, qdq.formats, qdq.tails, kernels)
 
     def threads_context(self, threads: int) -> Any:
@@ -177,7 +179,8 @@ class OnnxRuntimeBackend:
         return f"onnxruntime-{onnxruntime.__version__}+export{EXPORT_REVISION}"
 
 
-# Ops that do a layer's arithmetic: the integer fused ones and their float fallbacks.
+# Ops that do a layer's arithmetic: the integer fused ones and their float fallbacks (and the
+# ops the registered layer types export to, see register_deployment).
 _KERNEL_OPS = frozenset(
     {
         "QLinearConv",
@@ -243,7 +246,7 @@ class TorchX86Backend:
             module = float_clone(model)
             counts: dict[str, int] = {}
             for m in module.modules():
-                if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+                if deployment_of(m) is not None:
                     key = "float:" + type(m).__name__
                     counts[key] = counts.get(key, 0) + 1
             return _TorchDeployed(module, {}, {}, counts)

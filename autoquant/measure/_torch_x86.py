@@ -27,6 +27,7 @@ from torch import Tensor, fx, nn
 
 from autoquant.measure._deploy import DeployedLayer, IntQ, activation_intq
 from autoquant.measure._formats import plan_formats
+from autoquant.measure._layers import deployment_of
 from autoquant.measure._requant import Requant
 from autoquant.measure.onnx import analyse
 from autoquant.quant import FakeQuantize
@@ -182,32 +183,16 @@ def _qweight(dl: DeployedLayer) -> Tensor:
 
 
 def _int_module(dl: DeployedLayer, out: IntQ) -> nn.Module | None:
-    """The quantized torch module of an integer layer, or None if x86 has no such kernel."""
-    import torch.ao.nn.quantized as nnq
-
-    f = dl.float_module
-    if dl.weight_q.axis not in (None, 0):
+    """The quantized torch module of an integer layer (its type's declared x86 module, see
+    :func:`~autoquant.measure.register_deployment`), or None if x86 has no such kernel."""
+    dep = deployment_of(dl.float_module)
+    if dl.weight_q.axis not in (None, 0) or dep is None or dep.x86 is None:
         return None
-    if isinstance(f, nn.Linear):
-        q = nnq.Linear(f.in_features, f.out_features, bias_=f.bias is not None)
-    elif isinstance(f, (nn.Conv1d, nn.Conv2d)):
-        if f.padding_mode != "zeros" or isinstance(f.padding, str):
-            return None
-        cls = nnq.Conv2d if isinstance(f, nn.Conv2d) else nnq.Conv1d
-        q = cls(
-            f.in_channels,
-            f.out_channels,
-            f.kernel_size,
-            stride=f.stride,
-            padding=f.padding,
-            dilation=f.dilation,
-            groups=f.groups,
-            bias=f.bias is not None,
-        )
-    else:
+    q = dep.x86(dl.float_module)
+    if q is None:
         return None
-    bias = None if f.bias is None else f.bias.detach().float()
-    q.set_weight_bias(_qweight(dl), bias)
+    bias = getattr(dl.float_module, "bias", None)
+    q.set_weight_bias(_qweight(dl), None if bias is None else bias.detach().float())
     q.scale, q.zero_point = _quint8(out)
     return q
 
@@ -270,7 +255,7 @@ def lower_with_notes(
 ) -> tuple[nn.Module, dict[str, str]]:
     """:func:`lower_to_torch_x86` returning per-layer deployment notes (format tails)."""
     use_x86_engine()
-    an = analyse(model, plan, example_input, calib_inputs)
+    an = analyse(model, plan, example_input, calib_inputs, float_outputs=False)
     out = copy.deepcopy(model).eval()
     if isinstance(out, fx.GraphModule):
         # The adds' quantizers move out of the layers about to be replaced.

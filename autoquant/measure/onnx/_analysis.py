@@ -3,7 +3,7 @@ how each integer layer's output is quantized."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import onnx
@@ -52,13 +52,13 @@ def analyse(
     example_input: Tensor,
     calib_inputs: Iterable[Tensor] | None = None,
     *,
-    float_output_ops: Sequence[str] = (),
+    float_outputs: bool = True,
 ) -> Analysis:
     """Locate every layer of a calibrated fake-quant ``model`` in its float ONNX export and
     choose how each integer layer's output is quantized.
 
     Args:
-        float_output_ops: ONNX op types whose integer kernel may keep a float output.
+        float_outputs: a layer whose ONNX op declares ``float_output`` may keep a float output.
     """
     plan = plan or QuantPlan()
     layers = deployed_layers(model, plan)
@@ -81,7 +81,7 @@ def analyse(
     for _, target in marks.values():
         grids[target] = activation_intq(model.get_submodule(target), target)
     chains = layer_chains(proto, {n: nodes[n] for n in layers}, marks)
-    float_ok = {n for n in layers if nodes[n].node.op_type in float_output_ops}
+    float_ok = {n for n in layers if float_outputs and nodes[n].op.float_output}
     need = [n for n, dl in layers.items() if dl.format.int_kernel]
     inputs = [example_input] if calib_inputs is None else list(calib_inputs)
     ranges = output_ranges(model, need, inputs) if need else {}

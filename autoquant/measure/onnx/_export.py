@@ -9,9 +9,10 @@ needs ``onnxscript``, which the project does not depend on). Identity marks expo
 * ``Mark(name=<quantizer>)`` where the fake-quant model calls a quantized add's quantizer
   (replaced later by the convert-marks pass);
 * ``LayerInput(name=<layer>)`` on the input of every call of a quantizable layer (a forward
-  pre-hook), in a second export of the same model. The first node after it that does a layer's
-  arithmetic (a ``Conv``, ``Gemm`` or ``MatMul`` reading a weight initializer) is that layer's
-  node. Layers are thus found by structure, whatever the exporter names their weights (a
+  pre-hook), in a second export of the same model. The first node after it of an op type its
+  layer type declares (:func:`~autoquant.measure.register_deployment`: ``Conv``, ``Gemm`` or
+  ``MatMul``, ``Gather``, ...) reading a weight initializer at the declared input is that
+  layer's node. Layers are thus found by structure, whatever the exporter names their weights (a
   constant-folded ``W^T`` of a MatMul has a generated name), and matched into the unmarked
   export by node name (the exporter's names are unique, and marks change no other name). The
   deployed graph is the unmarked export: a mark would hide shapes from the exporter's shape
@@ -35,12 +36,12 @@ import onnx
 import torch
 from torch import Tensor, nn
 
+from autoquant.measure._layers import OnnxOp, deployment_of
 from autoquant.measure.onnx._graph import MARK_DOMAIN, attr, consumer_nodes, is_mark, mark_target
 from autoquant.transform import quantizable_names
 
 OPSET = 17
 LAYER_INPUT = "LayerInput"
-_LAYER_OPS = ("Conv", "Gemm", "MatMul")
 
 
 class _MarkFunction(torch.autograd.Function):
@@ -70,12 +71,24 @@ class AddMark(nn.Module):
 
 @dataclass
 class LayerNode:
-    """The ONNX node of one layer in the float export."""
+    """The ONNX node of one layer in the float export.
+
+    Attributes:
+        node: the node doing the layer's arithmetic.
+        op: its declaration (which inputs are the weight, the data, the bias).
+        transposed: the weight initializer holds ``W^T`` (a MatMul, a Gemm without transB).
+        calls: calls of the layer in forward.
+    """
 
     node: onnx.NodeProto
-    weight_init: str
-    transposed: bool  # the initializer holds W^T (MatMul, Gemm transB=0)
-    calls: int = 1  # calls of the layer in forward
+    op: OnnxOp
+    transposed: bool
+    calls: int = 1
+
+    @property
+    def data(self) -> str:
+        """The layer's input tensor."""
+        return self.node.input[self.op.data_input]
 
 
 def _as_inputs(example_input: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
@@ -137,11 +150,11 @@ def export_marked(
 ) -> tuple[onnx.ModelProto, dict[str, LayerNode]]:
     """The float export of ``fm`` (a :func:`~autoquant.measure.float_clone`, with add marks)
     and every quantizable layer's node in it, found from its layer mark in a marked export."""
-    names = quantizable_names(fm)
+    names = [n for n in quantizable_names(fm) if deployment_of(fm.get_submodule(n))]
     clone = _placeholder_clone(fm, names)
     proto = export_float(clone, example_input)
     _mark_layers(clone, names)
-    located = _locate(export_float(clone, example_input), names)
+    located = _locate(export_float(clone, example_input), clone, names)
     by_name = {n.name: n for n in proto.graph.node}
     nodes = {}
     for name, ln in located.items():
@@ -151,11 +164,11 @@ def export_marked(
                 f"layer {name!r}: node {ln.node.name!r} of the marked export is not in the "
                 "unmarked one"
             )
-        nodes[name] = LayerNode(node, node.input[1], ln.transposed, ln.calls)
+        nodes[name] = LayerNode(node, ln.op, ln.transposed, ln.calls)
     return proto, nodes
 
 
-def _locate(proto: onnx.ModelProto, names: Iterable[str]) -> dict[str, LayerNode]:
+def _locate(proto: onnx.ModelProto, model: nn.Module, names: Iterable[str]) -> dict[str, LayerNode]:
     graph = proto.graph
     inits = {i.name for i in graph.initializer}
     readers = consumer_nodes(graph.node)
@@ -165,25 +178,28 @@ def _locate(proto: onnx.ModelProto, names: Iterable[str]) -> dict[str, LayerNode
             marks.setdefault(mark_target(n), []).append(n)
     found: dict[str, LayerNode] = {}
     for name in names:
-        if name not in marks:
+        dep = deployment_of(model.get_submodule(name))
+        if name not in marks or dep is None:
             continue  # never called, or its output unused
-        # Breadth first from the mark, not past another mark: the nearest layer op is this
-        # layer's (its direct consumer, as exported today).
-        queue, seen, node = list(readers.get(marks[name][0].output[0], [])), set(), None
+        # Breadth first from the mark, not past another mark: the nearest declared op reading
+        # a weight initializer is this layer's (its direct reader, as exported today).
+        queue, seen = list(readers.get(marks[name][0].output[0], [])), set()
         while queue:
             n = queue.pop(0)
             if id(n) in seen or n.domain == MARK_DOMAIN:
                 continue
             seen.add(id(n))
-            if n.op_type in _LAYER_OPS and len(n.input) > 1 and n.input[1] in inits:
-                node = n
+            op = dep.onnx_op(n.op_type)
+            if (
+                op is not None
+                and len(n.input) > op.weight_input
+                and n.input[op.weight_input] in inits
+            ):
+                transposed = op.layout == "transposed" or (
+                    op.layout == "transB" and not attr(n, "transB", 0)
+                )
+                found[name] = LayerNode(n, op, transposed, len(marks[name]))
                 break
             for t in n.output:
                 queue.extend(readers.get(t, []))
-        if node is None:
-            continue
-        transposed = node.op_type == "MatMul" or (
-            node.op_type == "Gemm" and not attr(node, "transB", 0)
-        )
-        found[name] = LayerNode(node, node.input[1], transposed, len(marks[name]))
     return found

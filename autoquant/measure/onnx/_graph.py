@@ -100,7 +100,7 @@ def layer_chains(
     reader of its output reads it on through grid-keeping ops
     (:func:`~autoquant.transform.reached_grid`), or None, and whether the output's only reader
     is a ReLU. Readers with a grid are layers (their input grid) and ``marks`` (an add's
-    quantizer). ``nodes`` maps each layer to its located node (``.node``)."""
+    quantizer). ``nodes`` maps each layer to its :class:`~autoquant.measure.onnx.LayerNode`."""
     graph = proto.graph
     readers = consumers(graph.node)
     outputs = {o.name for o in graph.output}
@@ -112,7 +112,7 @@ def layer_chains(
             return []
         out = []
         for node, idx in readers.get(t, []):
-            if id(node) in layer_of and idx == 0:
+            if id(node) in layer_of and idx == nodes[layer_of[id(node)]].op.data_input:
                 out.append(GridUse(grid=layer_grid(layer_of[id(node)])))
             elif id(node) in mark_of:
                 out.append(GridUse(grid=mark_of[id(node)]))

@@ -93,7 +93,7 @@ def build_qdq(
     Args:
         passes: the rewrites to run, in order (default :data:`QDQ_PASSES`).
     """
-    an = analyse(model, plan, example_input, calib_inputs, float_output_ops=("Gemm", "MatMul"))
+    an = analyse(model, plan, example_input, calib_inputs)
     ctx = QDQContext(an, Editor(an.proto))
     for p in passes:
         p.run(ctx)

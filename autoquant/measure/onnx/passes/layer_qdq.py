@@ -7,6 +7,7 @@ from onnx import TensorProto
 from torch import nn
 
 from autoquant.measure._deploy import DeployedLayer, IntQ
+from autoquant.measure._layers import deployment_of
 from autoquant.measure.onnx._context import Pass, QDQContext
 from autoquant.measure.onnx._editor import Editor
 from autoquant.measure.onnx._export import LayerNode
@@ -22,23 +23,23 @@ def _weight_axis(ln: LayerNode, axis: int | None) -> int | None:
 def _weight(
     ed: Editor, name: str, ln: LayerNode, fm_layer: nn.Module, dl: DeployedLayer | None
 ) -> None:
-    node = ln.node
+    node, w, b = ln.node, ln.op.weight_input, ln.op.bias_input
 
     def oriented(arr: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(arr.T if ln.transposed else arr)
 
     weight = fm_layer.weight.detach().float().numpy()
     bias = getattr(fm_layer, "bias", None)
-    if bias is not None and len(node.input) > 2 and node.op_type != "MatMul":
-        node.input[2] = ed.init(f"{name}.bias", bias.detach().float().numpy(), "bias")
+    if bias is not None and b is not None and len(node.input) > b:
+        node.input[b] = ed.init(f"{name}.bias", bias.detach().float().numpy(), "bias")
     if dl is None or dl.format.weight.storage == "fp32":
-        node.input[1] = ed.init(
+        node.input[w] = ed.init(
             f"{name}.weight", oriented(weight), "weight" if dl is not None else "param"
         )
     elif dl.format.weight.storage == "fp16":
         w16 = ed.init(f"{name}.weight_fp16", oriented(weight).astype(np.float16), "weight")
         ed.add("Cast", [w16], [f"{name}.weight_float"], to=TensorProto.FLOAT)
-        node.input[1] = f"{name}.weight_float"
+        node.input[w] = f"{name}.weight_float"
     else:
         q, values = dl.weight_q, dl.weight_codes
         if dl.format.saturates and q.storage == "int8":
@@ -54,19 +55,20 @@ def _weight(
             [f"{name}.weight_dequantized"],
             **({} if axis is None else {"axis": axis}),
         )
-        node.input[1] = f"{name}.weight_dequantized"
+        node.input[w] = f"{name}.weight_dequantized"
 
 
 def _input(
     ed: Editor, name: str, ln: LayerNode, fm_layer: nn.Module, dl: DeployedLayer, on_grid: dict
 ) -> None:
-    node = ln.node
-    x = node.input[0]
+    node, d = ln.node, ln.op.data_input
+    rank = deployment_of(fm_layer).input_rank  # type: ignore[union-attr]
+    x = node.input[d]
     a = dl.plan.activation
     if a.bits == "fp16":
         ed.add("Cast", [x], [f"{name}.input_fp16"], to=TensorProto.FLOAT16)
         ed.add("Cast", [f"{name}.input_fp16"], [f"{name}.input_fp16_float"], to=TensorProto.FLOAT)
-        node.input[0] = f"{name}.input_fp16_float"
+        node.input[d] = f"{name}.input_fp16_float"
     elif dl.act_q is not None and on_grid.get(x) == f"{name}.act":
         ed.qparams(f"{name}.act", dl.act_q, "act")  # the input is on this grid already
     elif dl.act_q is not None:
@@ -85,7 +87,7 @@ def _input(
                     [f"{name}.input_clipped"],
                 )
             else:  # per channel: broadcast bounds along axis 1
-                ndim = fm_layer.weight.ndim if not isinstance(fm_layer, nn.Linear) else 2
+                ndim = rank or fm_layer.weight.ndim
                 shape = (1, -1) + (1,) * (ndim - 2)
                 lo_t = ed.init(
                     f"{name}.act_clip_min", lo.astype(np.float32).reshape(shape), "extra"
@@ -98,7 +100,7 @@ def _input(
             x = f"{name}.input_clipped"
         s, z = ed.qparams(f"{name}.act", q, "act")
         ed.qdq(x, f"{name}.input_dequantized", s, z, q.axis)
-        node.input[0] = f"{name}.input_dequantized"
+        node.input[d] = f"{name}.input_dequantized"
 
 
 def run(ctx: QDQContext) -> None:

@@ -20,7 +20,7 @@ def run(ctx: QDQContext) -> None:
         q = dl.act_q
         if q is None or q.axis is not None or q.clip or not dl.format.int_kernel:
             continue
-        p = made_by.get(an.nodes[name].node.input[0])
+        p = made_by.get(an.nodes[name].data)
         while p is not None and grid_rule(p) is not None:
             if len(readers.get(p.output[0], [])) != 1:
                 break

@@ -23,17 +23,17 @@ def run(ctx: QDQContext) -> None:
 
     An exact grid is the next layer's or quantized add's, reached through ops that commute with
     quantization; a calibrated one is an 8-bit grid of the observed range, after the following
-    ReLU when there is one. A Gemm kept with a float output (QGemm) gets its bias added after the
-    kernel instead, as ONNX Runtime fuses it only without a float bias.
+    ReLU when there is one. A layer kept with a float output (a Gemm: QGemm) gets its bias added
+    after the kernel instead, as ONNX Runtime fuses it only without a float bias.
     """
     ed, an = ctx.editor, ctx.analysis
     uses = consumers(ed.nodes)
     for name, rq in an.requant.items():
-        node = an.nodes[name].node
+        node, b = an.nodes[name].node, an.nodes[name].op.bias_input
         if rq.mode == "float":
-            if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
-                bias = node.input[2]
-                del node.input[2]
+            if b is not None and len(node.input) > b and node.input[b]:
+                bias = node.input[b]
+                del node.input[b]
                 t = node.output[0]
                 node.output[0] = f"{name}.output_no_bias"
                 ed.add("Add", [node.output[0], bias], [t])

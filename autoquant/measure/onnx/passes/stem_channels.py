@@ -54,7 +54,7 @@ def run(ctx: QDQContext) -> None:
         stem_pads = ed.init(
             f"{name}.channel_pads", pads, "extra", before=f"{name}.weight_quantized"
         )
-        dq = made_by[ln.node.input[1]]  # the weight's DequantizeLinear
+        dq = made_by[ln.node.input[ln.op.weight_input]]  # the weight's DequantizeLinear
         ed.add(
             "Pad",
             [dq.input[0], stem_pads],
@@ -63,11 +63,11 @@ def run(ctx: QDQContext) -> None:
         )
         dq.input[0] = f"{name}.weight_quantized_padded"
         s, z = ed.qparams(f"{name}.act", dl.act_q, "act")
-        x = ln.node.input[0]
+        x = ln.data
         at = 1 + max(ed.nodes.index(dq), ed.nodes.index(made_by[x]) if x in made_by else -1)
         ed.add("Pad", [x, stem_pads], [f"{name}.input_padded"], at=at)
         ed.qdq(f"{name}.input_padded", f"{name}.input_padded_dequantized", s, z, None, at=at + 1)
-        ln.node.input[0] = f"{name}.input_padded_dequantized"
+        ln.node.input[ln.op.data_input] = f"{name}.input_padded_dequantized"
 
 
 PASS = Pass("stem_channels", run)
