@@ -57,6 +57,7 @@ from autoquant.measure._layers import (
     register_deployment,
     unregister_deployment,
 )
+from autoquant.measure._optional import onnx_export
 from autoquant.measure._pack import SIDECAR_NAME, pack_bits, read_sidecar, unpack_bits
 from autoquant.measure._torch_x86 import lower_to_torch_x86
 
@@ -78,9 +79,7 @@ _ONNX_NAMES = frozenset(
 
 def __getattr__(name: str) -> Any:
     if name in _ONNX_NAMES:
-        from autoquant.measure import onnx as _onnx_package
-
-        return getattr(_onnx_package, name)
+        return getattr(onnx_export(), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -20,6 +19,8 @@ from autoquant.measure._formats import LayerFormat
 from autoquant.measure._layers import deployment_of
 from autoquant.quant import FakeQuantize, quantize
 from autoquant.transform import (
+    Inputs,
+    call_model,
     fold_batchnorm,
     quantized_layers,
     strip_add_quantizers,
@@ -175,35 +176,55 @@ def deployed_layers(model: nn.Module, plan: QuantPlan) -> dict[str, DeployedLaye
 # ---------------------------------------------------------------------------------------
 
 
-def output_ranges(
-    model: nn.Module, names: Iterable[str], inputs: Iterable[Tensor]
-) -> dict[str, tuple[float, float]]:
-    """Min and max of each named layer's output over ``inputs`` (fake-quant forward)."""
-    names = list(names)
-    ranges: dict[str, list[float]] = {n: [float("inf"), float("-inf")] for n in names}
-
-    def hook_for(name: str) -> Any:
-        def hook(module: nn.Module, args: Any, output: Tensor) -> None:
-            r = ranges[name]
-            r[0] = min(r[0], float(output.min()))
-            r[1] = max(r[1], float(output.max()))
-
-        return hook
-
+def _observe(
+    model: nn.Module, names: Iterable[str], inputs: Iterable[Inputs], see: Callable[..., None]
+) -> None:
+    """Run ``inputs`` through ``model`` (eval, no grad) calling ``see(name, output)`` after
+    each call of a named module; train/eval flags are restored."""
     modules = dict(model.named_modules())
-    handles = [modules[n].register_forward_hook(hook_for(n)) for n in names]
+    handles = [modules[n].register_forward_hook(lambda m, a, out, n=n: see(n, out)) for n in names]
     training = {m: m.training for m in model.modules()}
     try:
         model.eval()
         with torch.no_grad():
             for x in inputs:
-                model(x)
+                call_model(model, x)
     finally:
         for h in handles:
             h.remove()
         for m, t in training.items():
             m.training = t
+
+
+def output_ranges(
+    model: nn.Module, names: Iterable[str], inputs: Iterable[Inputs]
+) -> dict[str, tuple[float, float]]:
+    """Min and max of each named layer's output over ``inputs`` (fake-quant forward)."""
+    ranges = {n: [float("inf"), float("-inf")] for n in names}
+
+    def see(name: str, output: Tensor) -> None:
+        r = ranges[name]
+        r[0] = min(r[0], float(output.min()))
+        r[1] = max(r[1], float(output.max()))
+
+    _observe(model, list(ranges), inputs, see)
     return {n: (r[0], r[1]) for n, r in ranges.items()}
+
+
+def check_calls(model: nn.Module, names: Iterable[str], example_input: Inputs) -> None:
+    """Raise :class:`~autoquant.types.PlanError` unless each named layer runs exactly once in
+    a forward pass: deployment gives each quantized layer one output grid."""
+    calls = dict.fromkeys(names, 0)
+    _observe(model, list(calls), [example_input], lambda n, out: calls.__setitem__(n, calls[n] + 1))
+    missing = sorted(n for n, c in calls.items() if c == 0)
+    if missing:
+        raise PlanError(f"plan layer(s) {missing} are never called in forward")
+    repeated = sorted(n for n, c in calls.items() if c > 1)
+    if repeated:
+        raise PlanError(
+            f"plan layer(s) {repeated} are called more than once in forward; "
+            "deployment supports one call per quantized layer"
+        )
 
 
 def uint8_qparams(lo: float, hi: float) -> IntQ:

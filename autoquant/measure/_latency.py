@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from autoquant.measure._cache import LatencyCache
 from autoquant.measure._formats import graph_signature, plan_formats
 from autoquant.measure._layers import deployment_of, deployments
+from autoquant.measure._optional import onnx_export
 from autoquant.measure._timing import check_protocol, time_calls
 from autoquant.train import torch_threads
 from autoquant.transform import fold_batchnorm
@@ -155,14 +156,13 @@ class OnnxRuntimeBackend:
         import tempfile
         from pathlib import Path
 
+        export = onnx_export()
         import onnx
 
-        from autoquant.measure.onnx import build_qdq, ort_session
-
-        qdq = build_qdq(model, plan, example_input, calib_inputs)
+        qdq = export.build_qdq(model, plan, example_input, calib_inputs)
         with tempfile.TemporaryDirectory() as tmp:
             optimized = Path(tmp) / "optimized.onnx"
-            session = ort_session(qdq.proto, threads, optimized)
+            session = export.ort_session(qdq.proto, threads, optimized)
             ops = [n.op_type for n in onnx.load(str(optimized)).graph.node]
         layer_ops = {o.op_type for d in deployments().values() for o in d.onnx}
         kernels = {op: ops.count(op) for op in sorted(set(ops)) if op in _KERNEL_OPS | layer_ops}
@@ -174,9 +174,7 @@ class OnnxRuntimeBackend:
     def version(self) -> str:
         import onnxruntime
 
-        from autoquant.measure.onnx import EXPORT_REVISION
-
-        return f"onnxruntime-{onnxruntime.__version__}+export{EXPORT_REVISION}"
+        return f"onnxruntime-{onnxruntime.__version__}+export{onnx_export().EXPORT_REVISION}"
 
 
 # Ops that do a layer's arithmetic: the integer fused ones and their float fallbacks (and the

@@ -1,12 +1,32 @@
-"""Where each integer layer's output goes: onto the next grid exactly, calibrated, or float."""
+"""Where each integer layer's output goes: onto the next grid exactly, calibrated, or float.
+
+The chains (which grid a layer's output reaches) are found on either graph with the same rules
+and walk (:mod:`autoquant.transform._grid_rules`): over the ONNX export for ONNX Runtime
+(:func:`autoquant.measure.onnx.layer_chains`) and over the ``torch.fx`` graph for torch-x86
+(:func:`fx_chains`), which therefore needs no ``onnx``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from autoquant.measure._deploy import DeployedLayer, IntQ, uint8_qparams
+from torch import fx, nn
+
+from autoquant.measure._deploy import DeployedLayer, IntQ, output_ranges, uint8_qparams
 from autoquant.measure._formats import act_storage
+from autoquant.quant import FakeQuantize
+from autoquant.transform import (
+    IDENTITY_RULE,
+    RELU_RULE,
+    GridUse,
+    Inputs,
+    QuantizedLayer,
+    fx_reads_shape_only,
+    fx_rule,
+    reached_grid,
+    trace_quantized,
+)
 
 
 @dataclass(frozen=True)
@@ -90,3 +110,66 @@ def plan_requant(
                 lo = 0.0
             out[name] = Requant("calibrated", uint8_qparams(lo, hi), after_relu=relu)
     return out
+
+
+def fx_chains(model: nn.Module, names: Iterable[str]) -> dict[str, tuple[str | None, bool]]:
+    """Per named layer of a fake-quant ``model``: the one grid (:func:`layer_grid`, or an add
+    quantizer's target) every reader of its output reads it on, and whether its only reader is
+    a ReLU; over the model's ``torch.fx`` graph. Empty when ``torch.fx`` cannot trace the model
+    (every integer output then gets a calibrated grid)."""
+    try:
+        gm = trace_quantized(model)
+    except Exception:  # noqa: BLE001 - any tracing failure: no exact grids
+        return {}
+
+    def module(node: fx.Node) -> nn.Module | None:
+        return gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+
+    def readers(node: fx.Node) -> list[fx.Node]:
+        return [u for u in node.users if not fx_reads_shape_only(u)]
+
+    def uses(node: fx.Node) -> list[GridUse]:
+        out = []
+        for user in readers(node):
+            mod = module(user)
+            if user.op == "output":
+                return []
+            if isinstance(mod, QuantizedLayer) and user.args and user.args[0] is node:
+                out.append(GridUse(grid=layer_grid(str(user.target))))
+            elif isinstance(mod, FakeQuantize):
+                out.append(GridUse(grid=str(user.target)))
+            elif user.args and user.args[0] is node and fx_rule(gm, user) is not None:
+                out.append(GridUse(passes=user))
+            else:
+                out.append(GridUse())
+        return out
+
+    def relu_follows(node: fx.Node) -> bool:
+        # Through identities (a folded BatchNorm): the ONNX export has no node for them.
+        while len(users := readers(node)) == 1 and fx_rule(gm, users[0]) is IDENTITY_RULE:
+            node = users[0]
+        users = readers(node)
+        return len(users) == 1 and fx_rule(gm, users[0]) is RELU_RULE
+
+    wanted = set(names)
+    return {
+        str(n.target): (reached_grid(n, uses), relu_follows(n))
+        for n in gm.graph.nodes
+        if n.op == "call_module" and str(n.target) in wanted
+    }
+
+
+def choose_requant(
+    model: nn.Module,
+    layers: Mapping[str, DeployedLayer],
+    chains: Mapping[str, tuple[str | None, bool]],
+    grids: Mapping[str, IntQ],
+    inputs: Iterable[Inputs],
+    *,
+    float_output_ok: set[str],
+) -> dict[str, Requant]:
+    """:func:`plan_requant` with the output ranges of the integer layers observed on
+    ``inputs`` (the calibration batches)."""
+    need = [n for n, dl in layers.items() if dl.format.int_kernel]
+    ranges = output_ranges(model, need, inputs) if need else {}
+    return plan_requant(layers, chains, ranges, float_output_ok=float_output_ok, grids=grids)

@@ -25,13 +25,18 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
-from autoquant.measure._deploy import DeployedLayer, IntQ, activation_intq
+from autoquant.measure._deploy import (
+    DeployedLayer,
+    IntQ,
+    activation_intq,
+    check_calls,
+    deployed_layers,
+)
 from autoquant.measure._formats import plan_formats
 from autoquant.measure._layers import deployment_of
-from autoquant.measure._requant import Requant
-from autoquant.measure.onnx import analyse
+from autoquant.measure._requant import Requant, choose_requant, fx_chains
 from autoquant.quant import FakeQuantize
-from autoquant.transform import add_outputs, strip_add_quantizers
+from autoquant.transform import Inputs, add_outputs, add_quantizers, strip_add_quantizers
 from autoquant.types import QuantPlan
 
 
@@ -245,6 +250,20 @@ def lower_to_torch_x86(
     return out, plan_formats(plan, "torch-x86", tails)
 
 
+def _analyse(
+    model: nn.Module, plan: QuantPlan, example_input: Inputs, calib_inputs: Iterable[Inputs] | None
+) -> tuple[dict[str, DeployedLayer], dict[str, Requant]]:
+    """The plan's integer layers and their output grids, over the model's ``torch.fx`` graph
+    (the same rules and walk as the ONNX export: no ``onnx`` needed). A Linear's output gets a
+    grid too: x86's quantized Linear has an integer output."""
+    layers = deployed_layers(model, plan)
+    check_calls(model, layers, example_input)
+    grids = {t: activation_intq(fq, t) for t, fq in add_quantizers(model).items()}
+    chains = fx_chains(model, layers)
+    inputs = [example_input] if calib_inputs is None else list(calib_inputs)
+    return layers, choose_requant(model, layers, chains, grids, inputs, float_output_ok=set())
+
+
 def lower_with_notes(
     model: nn.Module,
     plan: QuantPlan | None,
@@ -255,7 +274,7 @@ def lower_with_notes(
 ) -> tuple[nn.Module, dict[str, str]]:
     """:func:`lower_to_torch_x86` returning per-layer deployment notes (format tails)."""
     use_x86_engine()
-    an = analyse(model, plan, example_input, calib_inputs, float_outputs=False)
+    layers, requant = _analyse(model, plan or QuantPlan(), example_input, calib_inputs)
     out = copy.deepcopy(model).eval()
     if isinstance(out, fx.GraphModule):
         # The adds' quantizers move out of the layers about to be replaced.
@@ -263,8 +282,8 @@ def lower_with_notes(
         _lower_adds(out)
     tails: dict[str, str] = {}
     with quiet_ao():
-        for name, dl in an.layers.items():
-            rq: Requant | None = an.requant.get(name)
+        for name, dl in layers.items():
+            rq: Requant | None = requant.get(name)
             new = None
             if dl.format.int_kernel and not dl.format.saturates and rq is not None:
                 new = _int_module(dl, rq.q)
@@ -279,7 +298,7 @@ def lower_with_notes(
             setattr(out.get_submodule(parent) if parent else out, child, new)
         out.eval()
         if keep_quantized:
-            _keep_runs_quantized(out, an.requant)
+            _keep_runs_quantized(out, requant)
         with torch.inference_mode():
             try:
                 out(example_input)  # also spends torch's one-time deprecation warnings here

@@ -21,6 +21,7 @@ from autoquant.transform._adds import (
     add_quantizers,
     quantize_adds,
     strip_add_quantizers,
+    trace_quantized,
 )
 from autoquant.transform._apply import (
     LayerInfo,
@@ -37,8 +38,10 @@ from autoquant.transform._grid_rules import (
     IDENTITY_RULE,
     ONNX_GRID_RULES,
     RELU_RULE,
+    SHAPE_ONLY_ONNX_OPS,
     GridRule,
     GridUse,
+    fx_reads_shape_only,
     fx_rule,
     reached_grid,
 )
@@ -65,6 +68,7 @@ __all__ = [
     "IDENTITY_RULE",
     "ONNX_GRID_RULES",
     "RELU_RULE",
+    "SHAPE_ONLY_ONNX_OPS",
     "GridRule",
     "GridUse",
     "Inputs",
@@ -86,6 +90,7 @@ __all__ = [
     "float_size_bytes",
     "fold_batchnorm",
     "fold_batchnorm_",
+    "fx_reads_shape_only",
     "fx_rule",
     "inputs_to",
     "map_inputs",
@@ -99,4 +104,5 @@ __all__ = [
     "register_quantizable",
     "size_breakdown",
     "strip_add_quantizers",
+    "trace_quantized",
 ]

@@ -62,6 +62,19 @@ def _trace(model: nn.Module) -> fx.Graph:
     return graphs[1][0]
 
 
+def trace_quantized(model: nn.Module) -> fx.GraphModule:
+    """``model`` as a ``torch.fx.GraphModule`` with fake-quant layers and quantizers as leaves:
+    ``model`` itself when it is one (quantized adds), else its eval-mode trace.
+
+    Raises:
+        Exception: whatever ``torch.fx`` raises for a model it cannot trace, or
+            ``RuntimeError`` when the traced graph depends on train/eval mode.
+    """
+    if isinstance(model, fx.GraphModule):
+        return model
+    return fx.GraphModule(model, _trace(model), class_name=type(model).__name__)
+
+
 def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
     return fx_rule(gm, node) is RELU_RULE
 

@@ -9,7 +9,8 @@ may quantize straight onto the grid of a consumer further on.
 The rules are written once, here, as data: each :class:`GridRule` lists its ``torch.fx`` targets
 (functions, methods, module types: what :func:`~autoquant.transform.quantize_adds` reads) and its
 ONNX op types (what the ONNX export's passes read) side by side. :func:`reached_grid` is the one
-walk over either graph: the single grid every reader of a value reads it on.
+walk over either graph: the single grid every reader of a value reads it on (readers of its
+shape only, :data:`SHAPE_ONLY_ONNX_OPS` and :func:`fx_reads_shape_only`, do not count).
 
 Example:
     >>> [r.name for r in GRID_RULES]
@@ -106,6 +107,19 @@ GRID_RULES: tuple[GridRule, ...] = (
 ONNX_GRID_RULES: dict[str, GridRule] = {op: r for r in GRID_RULES for op in r.onnx_ops}
 RELU_RULE = next(r for r in GRID_RULES if r.name == "relu")
 IDENTITY_RULE = next(r for r in GRID_RULES if r.name == "identity")
+
+
+#: Readers that use only a tensor's shape, never its values: they do not stop a grid.
+SHAPE_ONLY_ONNX_OPS = frozenset({"Shape", "Size"})
+SHAPE_ONLY_FX_METHODS = frozenset({"size", "dim", "numel"})
+_SHAPE_ATTRS = frozenset({"shape", "ndim", "dtype", "device"})
+
+
+def fx_reads_shape_only(node: fx.Node) -> bool:
+    """``node`` reads only its input's shape (``x.size(0)``, ``x.shape``, ...)."""
+    if node.op == "call_method":
+        return node.target in SHAPE_ONLY_FX_METHODS
+    return node.op == "call_function" and node.target is getattr and node.args[1] in _SHAPE_ATTRS
 
 
 def fx_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:

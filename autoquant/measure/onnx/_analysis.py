@@ -13,11 +13,11 @@ from autoquant.measure._deploy import (
     DeployedLayer,
     IntQ,
     activation_intq,
+    check_calls,
     deployed_layers,
     float_clone,
-    output_ranges,
 )
-from autoquant.measure._requant import Requant, plan_requant
+from autoquant.measure._requant import Requant, choose_requant
 from autoquant.measure.onnx._export import AddMark, LayerNode, export_marked
 from autoquant.measure.onnx._graph import add_marks, layer_chains
 from autoquant.types import PlanError, QuantPlan
@@ -51,39 +51,23 @@ def analyse(
     plan: QuantPlan | None,
     example_input: Tensor,
     calib_inputs: Iterable[Tensor] | None = None,
-    *,
-    float_outputs: bool = True,
 ) -> Analysis:
     """Locate every layer of a calibrated fake-quant ``model`` in its float ONNX export and
-    choose how each integer layer's output is quantized.
-
-    Args:
-        float_outputs: a layer whose ONNX op declares ``float_output`` may keep a float output.
+    choose how each integer layer's output is quantized (a layer whose ONNX op declares
+    ``float_output`` keeps a float output where no exact grid follows it).
     """
     plan = plan or QuantPlan()
     layers = deployed_layers(model, plan)
+    check_calls(model, layers, example_input)
     fm = float_clone(model, AddMark)
     proto, nodes = export_marked(fm, example_input)
     missing = sorted(set(layers) - set(nodes))
     if missing:
-        raise PlanError(
-            f"plan layer(s) {missing} were not found in the exported graph (never "
-            "called in forward?)"
-        )
-    repeated = sorted(n for n in layers if nodes[n].calls > 1)
-    if repeated:
-        raise PlanError(
-            f"plan layer(s) {repeated} are called more than once in forward; "
-            "deployment supports one call per quantized layer"
-        )
+        raise PlanError(f"plan layer(s) {missing} were not found in the exported graph")
     marks = add_marks(proto)
-    grids = {}
-    for _, target in marks.values():
-        grids[target] = activation_intq(model.get_submodule(target), target)
+    grids = {t: activation_intq(model.get_submodule(t), t) for _, t in marks.values()}
     chains = layer_chains(proto, {n: nodes[n] for n in layers}, marks)
-    float_ok = {n for n in layers if float_outputs and nodes[n].op.float_output}
-    need = [n for n, dl in layers.items() if dl.format.int_kernel]
+    float_ok = {n for n in layers if nodes[n].op.float_output}
     inputs = [example_input] if calib_inputs is None else list(calib_inputs)
-    ranges = output_ranges(model, need, inputs) if need else {}
-    requant = plan_requant(layers, chains, ranges, float_output_ok=float_ok, grids=grids)
+    requant = choose_requant(model, layers, chains, grids, inputs, float_output_ok=float_ok)
     return Analysis(plan, layers, fm, proto, nodes, requant, grids)

@@ -9,7 +9,14 @@ import onnx
 from onnx import helper
 
 from autoquant.measure._requant import layer_grid
-from autoquant.transform import ONNX_GRID_RULES, RELU_RULE, GridRule, GridUse, reached_grid
+from autoquant.transform import (
+    ONNX_GRID_RULES,
+    RELU_RULE,
+    SHAPE_ONLY_ONNX_OPS,
+    GridRule,
+    GridUse,
+    reached_grid,
+)
 
 MARK_DOMAIN = "autoquant"
 #: Op type of the marks where the fake-quant model calls a quantized add's quantizer.
@@ -104,6 +111,10 @@ def layer_chains(
     graph = proto.graph
     readers = consumers(graph.node)
     outputs = {o.name for o in graph.output}
+
+    def value_readers(t: str) -> list[tuple[onnx.NodeProto, int]]:
+        return [(n, i) for n, i in readers.get(t, []) if n.op_type not in SHAPE_ONLY_ONNX_OPS]
+
     layer_of = {id(ln.node): name for name, ln in nodes.items()}
     mark_of = {k: target for k, (_, target) in (marks or {}).items()}
 
@@ -111,7 +122,7 @@ def layer_chains(
         if t in outputs:
             return []
         out = []
-        for node, idx in readers.get(t, []):
+        for node, idx in value_readers(t):
             if id(node) in layer_of and idx == nodes[layer_of[id(node)]].op.data_input:
                 out.append(GridUse(grid=layer_grid(layer_of[id(node)])))
             elif id(node) in mark_of:
@@ -125,7 +136,7 @@ def layer_chains(
     chains: dict[str, tuple[str | None, bool]] = {}
     for name, ln in nodes.items():
         t = ln.node.output[0]
-        first = readers.get(t, [])
+        first = value_readers(t)
         relu = len(first) == 1 and grid_rule(first[0][0]) is RELU_RULE and t not in outputs
         chains[name] = (reached_grid(t, uses), relu)
     return chains
