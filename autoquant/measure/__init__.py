@@ -21,6 +21,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from autoquant.measure._backends import (
+    BACKENDS,
+    LatencyBackend,
+    OnnxRuntimeBackend,
+    TorchX86Backend,
+    get_backend,
+    register_backend,
+)
 from autoquant.measure._cache import JsonFileStore, KeyValueStore, LatencyCache, MemoryStore
 from autoquant.measure._deploy import float_clone
 from autoquant.measure._formats import (
@@ -36,18 +44,12 @@ from autoquant.measure._formats import (
     tensor_format,
 )
 from autoquant.measure._latency import (
-    BACKENDS,
-    LatencyBackend,
     LatencyResult,
-    OnnxRuntimeBackend,
-    TorchX86Backend,
-    get_backend,
     latency_key,
     machine_info,
     measure_float_latency,
     measure_latencies,
     measure_latency,
-    register_backend,
 )
 from autoquant.measure._layers import (
     LayerDeployment,

@@ -2,28 +2,24 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import platform
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
-from typing import Any, Protocol
+from typing import Any
 
-import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
+from autoquant.measure._backends import get_backend
 from autoquant.measure._cache import LatencyCache
 from autoquant.measure._formats import graph_signature, plan_formats
-from autoquant.measure._layers import deployment_of, deployments
-from autoquant.measure._optional import onnx_export
 from autoquant.measure._timing import check_protocol, time_calls
-from autoquant.train import torch_threads
-from autoquant.transform import fold_batchnorm
+from autoquant.transform import Inputs, as_tuple, batch_len, fold_batchnorm, map_inputs
 from autoquant.types import QuantPlan
 
 
@@ -77,212 +73,6 @@ class LatencyResult:
 
 
 # ---------------------------------------------------------------------------------------
-# Backends
-# ---------------------------------------------------------------------------------------
-
-
-class Deployed(Protocol):
-    """A model deployed on a backend, ready to time."""
-
-    formats: dict[str, str]
-    notes: dict[str, str]
-    kernels: dict[str, int]
-
-    def runner(self, x: Tensor) -> Callable[[], object]:
-        """A zero-argument call that runs one inference on ``x`` (input prepared up front)."""
-        ...
-
-    def run(self, x: Tensor) -> Tensor:
-        """Outputs for ``x`` as a float tensor (first output)."""
-        ...
-
-
-class LatencyBackend(Protocol):
-    """Deploys a calibrated fake-quant model on real kernels."""
-
-    name: str
-
-    def deploy(
-        self,
-        model: nn.Module,
-        plan: QuantPlan | None,
-        example_input: Tensor,
-        *,
-        threads: int,
-        calib_inputs: Iterable[Tensor] | None = None,
-    ) -> Deployed: ...
-
-    def threads_context(self, threads: int) -> Any:
-        """Context manager entered around timing (e.g. torch's thread count)."""
-        ...
-
-    def version(self) -> str: ...
-
-
-class _OrtDeployed:
-    def __init__(
-        self, session: Any, formats: dict[str, str], notes: dict[str, str], kernels: dict[str, int]
-    ) -> None:
-        self.session = session
-        self.formats = formats
-        self.notes = notes
-        self.kernels = kernels
-        self.input_name = session.get_inputs()[0].name
-
-    def runner(self, x: Tensor) -> Callable[[], object]:
-        feed = {self.input_name: np.ascontiguousarray(x.detach().float().numpy())}
-        session = self.session
-        return lambda: session.run(None, feed)
-
-    def run(self, x: Tensor) -> Tensor:
-        feed = {self.input_name: x.detach().float().numpy()}
-        return torch.from_numpy(self.session.run(None, feed)[0])
-
-
-class OnnxRuntimeBackend:
-    """ONNX Runtime (CPU): the QDQ export of :func:`export_onnx`, fused into integer kernels."""
-
-    name = "onnxruntime"
-
-    def deploy(
-        self,
-        model: nn.Module,
-        plan: QuantPlan | None,
-        example_input: Tensor,
-        *,
-        threads: int,
-        calib_inputs: Iterable[Tensor] | None = None,
-    ) -> Deployed:
-        import tempfile
-        from pathlib import Path
-
-        export = onnx_export()
-        import onnx
-
-        qdq = export.build_qdq(model, plan, example_input, calib_inputs)
-        with tempfile.TemporaryDirectory() as tmp:
-            optimized = Path(tmp) / "optimized.onnx"
-            session = export.ort_session(qdq.proto, threads, optimized)
-            ops = [n.op_type for n in onnx.load(str(optimized)).graph.node]
-        layer_ops = {o.op_type for d in deployments().values() for o in d.onnx}
-        kernels = {op: ops.count(op) for op in sorted(set(ops)) if op in _KERNEL_OPS | layer_ops}
-        return _OrtDeployed(session, qdq.formats, qdq.tails, kernels)
-
-    def threads_context(self, threads: int) -> Any:
-        return contextlib.nullcontext()  # threads are a session option
-
-    def version(self) -> str:
-        import onnxruntime
-
-        return f"onnxruntime-{onnxruntime.__version__}+export{onnx_export().EXPORT_REVISION}"
-
-
-# Ops that do a layer's arithmetic: the integer fused ones and their float fallbacks (and the
-# ops the registered layer types export to, see register_deployment).
-_KERNEL_OPS = frozenset(
-    {
-        "QLinearConv",
-        "QLinearMatMul",
-        "QGemm",
-        "MatMulInteger",
-        "MatMulIntegerToFloat",
-        "QLinearAdd",
-        "QLinearGlobalAveragePool",
-        "ConvInteger",
-        "DynamicQuantizeMatMul",
-        "Conv",
-        "FusedConv",
-        "Gemm",
-        "FusedGemm",
-        "MatMul",
-        "FusedMatMul",
-        "NhwcFusedConv",
-    }
-)
-
-
-class _TorchDeployed:
-    def __init__(
-        self,
-        module: nn.Module,
-        formats: dict[str, str],
-        notes: dict[str, str],
-        kernels: dict[str, int],
-    ) -> None:
-        self.module = module
-        self.formats = formats
-        self.notes = notes
-        self.kernels = kernels
-
-    def runner(self, x: Tensor) -> Callable[[], object]:
-        module = self.module
-        return lambda: module(x)  # timed inside threads_context (inference mode)
-
-    def run(self, x: Tensor) -> Tensor:
-        with torch.inference_mode():
-            return self.module(x).float()
-
-
-class TorchX86Backend:
-    """PyTorch's x86 int8 engine (``torch.ao.nn.quantized`` Conv/Linear, quint8 inputs)."""
-
-    name = "torch-x86"
-
-    def deploy(
-        self,
-        model: nn.Module,
-        plan: QuantPlan | None,
-        example_input: Tensor,
-        *,
-        threads: int,
-        calib_inputs: Iterable[Tensor] | None = None,
-    ) -> Deployed:
-        from autoquant.measure._deploy import float_clone
-        from autoquant.measure._torch_x86 import kernel_counts, lower_with_notes
-
-        if plan is None or not plan.layers:
-            module = float_clone(model)
-            counts: dict[str, int] = {}
-            for m in module.modules():
-                if deployment_of(m) is not None:
-                    key = "float:" + type(m).__name__
-                    counts[key] = counts.get(key, 0) + 1
-            return _TorchDeployed(module, {}, {}, counts)
-        module, notes = lower_with_notes(model, plan, example_input, calib_inputs=calib_inputs)
-        formats = plan_formats(plan, self.name, notes)
-        return _TorchDeployed(module, formats, notes, kernel_counts(module))
-
-    @contextlib.contextmanager
-    def threads_context(self, threads: int) -> Iterator[None]:
-        with torch_threads(threads), torch.inference_mode():
-            yield
-
-    def version(self) -> str:
-        return f"torch-{torch.__version__}-{torch.backends.quantized.engine}"
-
-
-BACKENDS: dict[str, LatencyBackend] = {
-    "onnxruntime": OnnxRuntimeBackend(),
-    "torch-x86": TorchX86Backend(),
-}
-
-
-def register_backend(backend: LatencyBackend) -> None:
-    """Make a backend available to :func:`measure_latency` by its ``name``."""
-    BACKENDS[backend.name] = backend
-
-
-def get_backend(name: str) -> LatencyBackend:
-    try:
-        return BACKENDS[name]
-    except KeyError:
-        raise ValueError(
-            f"backend={name!r} is not allowed; allowed values: "
-            f"{', '.join(repr(b) for b in BACKENDS)}"
-        ) from None
-
-
-# ---------------------------------------------------------------------------------------
 # Cache key and the measurement itself
 # ---------------------------------------------------------------------------------------
 
@@ -318,11 +108,29 @@ def hardware_id() -> str:
     return f"{info['cpu']} x{info['cores']}"
 
 
+def input_signature(example_input: Inputs) -> list[Any]:
+    """What of the inputs sets the time, besides the batch size: the per-sample shape of a
+    float32 tensor; for other dtypes or several inputs, each one's per-sample shape and dtype.
+
+    Example:
+        >>> import torch
+        >>> input_signature(torch.zeros(2, 3, 8, 8))
+        [3, 8, 8]
+        >>> input_signature((torch.zeros(2, 7, dtype=torch.long), torch.ones(2, 7)))
+        [[[7], 'int64'], [[7], 'float32']]
+    """
+    inputs = as_tuple(example_input)
+    if len(inputs) == 1 and inputs[0].dtype == torch.float32:
+        return list(inputs[0].shape[1:])  # the key's form before other inputs existed
+    return [[list(t.shape[1:]), str(t.dtype).removeprefix("torch.")] for t in inputs]
+
+
 def latency_key(
-    signature: str, backend: str, batch_size: int, threads: int, input_shape: Sequence[int]
+    signature: str, backend: str, batch_size: int, threads: int, input_shape: Sequence[Any]
 ) -> str:
     """Cache key of one measurement: the graph signature plus everything else that sets the
-    time (backend and its version, batch size, threads, per-sample input shape, hardware)."""
+    time (backend and its version, batch size, threads, per-sample input shape (see
+    :func:`input_signature`), hardware)."""
     payload = {
         "sig": signature,
         "backend": backend,
@@ -336,17 +144,19 @@ def latency_key(
     return f"{backend}:b{batch_size}:t{threads}:" + hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def _batch(x: Tensor, batch_size: int) -> Tensor:
-    if x.shape[0] == batch_size:
-        return x
-    idx = torch.arange(batch_size) % x.shape[0]  # cycle the real rows
-    return x[idx].contiguous()
+def batched(example_input: Inputs, batch_size: int) -> Inputs:
+    """``example_input`` at ``batch_size``: each input's rows cycled (or cut)."""
+    if batch_len(example_input) == batch_size:
+        return example_input
+    n = batch_len(example_input)
+    idx = torch.arange(batch_size) % n
+    return map_inputs(example_input, lambda t: t[idx].contiguous())
 
 
 def measure_latencies(
     model: nn.Module,
     plan: QuantPlan | None,
-    example_input: Tensor,
+    example_input: Inputs,
     batch_sizes: Sequence[int] | None = None,
     *,
     backend: str = "onnxruntime",
@@ -355,13 +165,13 @@ def measure_latencies(
     repeats: int = 50,
     budget_s: float = 2.0,
     cache: LatencyCache | None = None,
-    calib_inputs: Iterable[Tensor] | None = None,
+    calib_inputs: Iterable[Inputs] | None = None,
 ) -> list[LatencyResult]:
     """:func:`measure_latency` at several batch sizes, deploying the model at most once.
 
     Args:
         batch_sizes: batch sizes to time (default: ``example_input``'s); inputs of another
-            batch size cycle ``example_input``'s rows.
+            batch size cycle ``example_input``'s rows (every input's).
         (others): as in :func:`measure_latency`.
 
     Returns:
@@ -370,7 +180,7 @@ def measure_latencies(
     check_protocol(threads, warmup, repeats, budget_s)
     impl = get_backend(backend)
     if batch_sizes is None:
-        batch_sizes = [int(example_input.shape[0])]
+        batch_sizes = [batch_len(example_input)]
     for b in batch_sizes:
         if isinstance(b, bool) or not isinstance(b, int) or b < 1:
             raise ValueError(f"batch_size={b!r} is not allowed; allowed values: an integer >= 1")
@@ -378,7 +188,8 @@ def measure_latencies(
     if plan is None or not plan.layers:
         model = fold_batchnorm(model).eval()  # the float graph is deployed BN-folded
     sig = graph_signature(model, plan)
-    keys = [latency_key(sig, backend, b, threads, example_input.shape[1:]) for b in batch_sizes]
+    shape = input_signature(example_input)
+    keys = [latency_key(sig, backend, b, threads, shape) for b in batch_sizes]
     results: list[LatencyResult | None] = [None] * len(keys)
     if cache is not None:
         for i, key in enumerate(keys):
@@ -397,7 +208,7 @@ def measure_latencies(
         for i in todo:
             t1 = time.perf_counter()
             b = batch_sizes[i]
-            fn = deployed.runner(_batch(example_input, b))
+            fn = deployed.runner(batched(example_input, b))
             with impl.threads_context(threads):
                 timing = time_calls(fn, warmup=warmup, repeats=repeats, budget_s=budget_s)
             result = LatencyResult(
@@ -433,7 +244,7 @@ def measure_latencies(
 def measure_latency(
     model: nn.Module,
     plan: QuantPlan | None,
-    example_input: Tensor,
+    example_input: Inputs,
     *,
     backend: str = "onnxruntime",
     threads: int = 1,
@@ -441,7 +252,7 @@ def measure_latency(
     repeats: int = 50,
     budget_s: float = 2.0,
     cache: LatencyCache | None = None,
-    calib_inputs: Iterable[Tensor] | None = None,
+    calib_inputs: Iterable[Inputs] | None = None,
 ) -> LatencyResult:
     """Latency of ``plan`` deployed on a real integer backend, at ``example_input``'s batch size.
 
@@ -455,7 +266,8 @@ def measure_latency(
         model: the calibrated result of :func:`autoquant.transform.apply_plan` (values do not
             change the latency, but integer weights are computed from them).
         plan: the plan ``model`` was built from; ``None`` for a float model.
-        example_input: one input batch; its batch size is the one measured.
+        example_input: one input batch (a tensor, or a tuple of tensors of any dtype); its
+            batch size is the one measured.
         backend: ``"onnxruntime"`` or ``"torch-x86"``.
         threads: intra-op threads.
         warmup: untimed runs first.
@@ -491,7 +303,7 @@ def measure_latency(
 
 def measure_float_latency(
     model: nn.Module,
-    example_input: Tensor,
+    example_input: Inputs,
     *,
     backend: str = "onnxruntime",
     threads: int = 1,

@@ -36,7 +36,13 @@ from autoquant.measure._formats import plan_formats
 from autoquant.measure._layers import deployment_of
 from autoquant.measure._requant import Requant, choose_requant, fx_chains
 from autoquant.quant import FakeQuantize
-from autoquant.transform import Inputs, add_outputs, add_quantizers, strip_add_quantizers
+from autoquant.transform import (
+    Inputs,
+    add_outputs,
+    add_quantizers,
+    call_model,
+    strip_add_quantizers,
+)
 from autoquant.types import QuantPlan
 
 
@@ -212,9 +218,9 @@ def _simulated(dl: DeployedLayer) -> nn.Module:
 def lower_to_torch_x86(
     model: nn.Module,
     plan: QuantPlan | None,
-    example_input: Tensor,
+    example_input: Inputs,
     *,
-    calib_inputs: Iterable[Tensor] | None = None,
+    calib_inputs: Iterable[Inputs] | None = None,
     keep_quantized: bool = True,
 ) -> tuple[nn.Module, dict[str, str]]:
     """An eval-mode module running ``plan``'s integer layers on PyTorch's x86 int8 kernels.
@@ -267,9 +273,9 @@ def _analyse(
 def lower_with_notes(
     model: nn.Module,
     plan: QuantPlan | None,
-    example_input: Tensor,
+    example_input: Inputs,
     *,
-    calib_inputs: Iterable[Tensor] | None = None,
+    calib_inputs: Iterable[Inputs] | None = None,
     keep_quantized: bool = True,
 ) -> tuple[nn.Module, dict[str, str]]:
     """:func:`lower_to_torch_x86` returning per-layer deployment notes (format tails)."""
@@ -301,7 +307,8 @@ def lower_with_notes(
             _keep_runs_quantized(out, requant)
         with torch.inference_mode():
             try:
-                out(example_input)  # also spends torch's one-time deprecation warnings here
+                # Also spends torch's one-time deprecation warnings here.
+                call_model(out, example_input)
             except (RuntimeError, NotImplementedError):
                 # Some op between two layers does not take quantized tensors: hand floats over.
                 for m in out.modules():
@@ -309,7 +316,7 @@ def lower_with_notes(
                         m.emit_quantized = False
                     if isinstance(m, QuantizeTo):
                         m.integer = False
-                out(example_input)
+                call_model(out, example_input)
     for name, m in out.named_modules():
         if isinstance(m, IntKernelLayer) and m.emit_quantized:
             tails[name] += " (handed over as quint8)"

@@ -40,7 +40,7 @@ from autoquant.measure.onnx._manager import (
     build_qdq,
     without,
 )
-from autoquant.measure.onnx._session import fused_op_types, ort_session, run_onnx
+from autoquant.measure.onnx._session import fused_op_types, ort_feed, ort_session, run_onnx
 
 __all__ = [
     "EXPORT_REVISION",
@@ -63,6 +63,7 @@ __all__ = [
     "export_onnx",
     "fused_op_types",
     "load_onnx",
+    "ort_feed",
     "ort_session",
     "packed_weights",
     "run_onnx",

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import onnx
-from torch import Tensor, nn
+from torch import nn
 
 from autoquant.measure._deploy import (
     DeployedLayer,
@@ -20,6 +20,7 @@ from autoquant.measure._deploy import (
 from autoquant.measure._requant import Requant, choose_requant
 from autoquant.measure.onnx._export import AddMark, LayerNode, export_marked
 from autoquant.measure.onnx._graph import add_marks, layer_chains
+from autoquant.transform import Inputs
 from autoquant.types import PlanError, QuantPlan
 
 
@@ -49,8 +50,8 @@ class Analysis:
 def analyse(
     model: nn.Module,
     plan: QuantPlan | None,
-    example_input: Tensor,
-    calib_inputs: Iterable[Tensor] | None = None,
+    example_input: Inputs,
+    calib_inputs: Iterable[Inputs] | None = None,
 ) -> Analysis:
     """Locate every layer of a calibrated fake-quant ``model`` in its float ONNX export and
     choose how each integer layer's output is quantized (a layer whose ONNX op declares

@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import io
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from autoquant.measure._layers import OnnxOp, deployment_of
 from autoquant.measure.onnx._graph import MARK_DOMAIN, attr, consumer_nodes, is_mark, mark_target
-from autoquant.transform import quantizable_names
+from autoquant.transform import Inputs, as_tuple, quantizable_names
 
 OPSET = 17
 LAYER_INPUT = "LayerInput"
@@ -91,13 +91,11 @@ class LayerNode:
         return self.node.input[self.op.data_input]
 
 
-def _as_inputs(example_input: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
-    return tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
-
-
-def export_float(model: nn.Module, example_input: Tensor | Sequence[Tensor]) -> onnx.ModelProto:
-    """ONNX ``ModelProto`` of a float module (TorchScript exporter, dynamic batch axis)."""
-    inputs = _as_inputs(example_input)
+def export_float(model: nn.Module, example_input: Inputs) -> onnx.ModelProto:
+    """ONNX ``ModelProto`` of a float module (TorchScript exporter): inputs named ``input``
+    (or ``input0``, ``input1``, ... for a tuple) with the example's dtypes, outputs ``output``
+    (or ``output0``, ...), a dynamic batch axis on each."""
+    inputs = as_tuple(example_input)
     with torch.no_grad():
         out = model(*inputs)
     n_out = len(out) if isinstance(out, (tuple, list)) else 1
@@ -146,7 +144,7 @@ def _mark_layers(model: nn.Module, names: Iterable[str]) -> None:
 
 
 def export_marked(
-    fm: nn.Module, example_input: Tensor | Sequence[Tensor]
+    fm: nn.Module, example_input: Inputs
 ) -> tuple[onnx.ModelProto, dict[str, LayerNode]]:
     """The float export of ``fm`` (a :func:`~autoquant.measure.float_clone`, with add marks)
     and every quantizable layer's node in it, found from its layer mark in a marked export."""

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import numpy_helper
-from torch import Tensor, nn
+from torch import nn
 
 from autoquant.measure._pack import (
     SIDECAR_NAME,
@@ -27,6 +27,7 @@ from autoquant.measure._pack import (
 )
 from autoquant.measure.onnx._manager import ROLES_KEY, QDQModel, build_qdq
 from autoquant.measure.onnx.passes.requantize_outputs import requant_text
+from autoquant.transform import Inputs
 from autoquant.types import QuantPlan
 
 #: Tensor roles counted by :func:`artifact_weight_bytes` (the roles of
@@ -104,9 +105,9 @@ def export_onnx(
     model: nn.Module,
     plan: QuantPlan | None,
     path: str | Path,
-    example_input: Tensor,
+    example_input: Inputs,
     *,
-    calib_inputs: Iterable[Tensor] | None = None,
+    calib_inputs: Iterable[Inputs] | None = None,
 ) -> ExportInfo:
     """Write the deployable QDQ ONNX model of a calibrated fake-quant ``model``.
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import onnx
 from onnx import helper
-from torch import Tensor, nn
+from torch import nn
 
 from autoquant.measure._deploy import DeployedLayer
 from autoquant.measure._formats import plan_formats
@@ -34,6 +34,7 @@ from autoquant.measure.onnx.passes import (
     requantize_outputs,
     stem_channels,
 )
+from autoquant.transform import Inputs
 from autoquant.types import QuantPlan
 
 #: Bumped when the graph exported for a given plan changes (e.g. a new pass), so that cached
@@ -83,8 +84,8 @@ class QDQModel:
 def build_qdq(
     model: nn.Module,
     plan: QuantPlan | None,
-    example_input: Tensor,
-    calib_inputs: Iterable[Tensor] | None = None,
+    example_input: Inputs,
+    calib_inputs: Iterable[Inputs] | None = None,
     *,
     passes: Sequence[Pass] = QDQ_PASSES,
 ) -> QDQModel:

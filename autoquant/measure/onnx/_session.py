@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 import onnx
-from torch import Tensor
 
 from autoquant.measure.onnx._files import load_onnx
+from autoquant.transform import Inputs, as_tuple
 
 
 def ort_session(
@@ -50,7 +50,40 @@ def fused_op_types(proto_or_path: onnx.ModelProto | str | Path) -> Counter[str]:
         return Counter(n.op_type for n in onnx.load(str(out)).graph.node)
 
 
-def run_onnx(session: Any, x: Tensor) -> np.ndarray:
-    """First output of ``session`` for one input batch."""
-    name = session.get_inputs()[0].name
-    return session.run(None, {name: x.detach().float().numpy()})[0]
+# ONNX Runtime's input type names -> numpy dtypes.
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int16)": np.int16,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+
+def ort_feed(session: Any, x: Inputs) -> dict[str, np.ndarray]:
+    """The feed for ``x`` (a tensor, or a tuple in the model's input order), each input as
+    the type the model declares (e.g. int64 token ids, a float mask).
+
+    Raises:
+        ValueError: the number of inputs differs from the model's.
+    """
+    inputs = as_tuple(x)
+    declared = session.get_inputs()
+    if len(inputs) != len(declared):
+        raise ValueError(
+            f"the model takes {len(declared)} input(s) ({', '.join(i.name for i in declared)}), "
+            f"got {len(inputs)}"
+        )
+    return {
+        d.name: np.ascontiguousarray(t.detach().cpu().numpy(), dtype=_ORT_TYPES.get(d.type))
+        for d, t in zip(declared, inputs, strict=True)
+    }
+
+
+def run_onnx(session: Any, x: Inputs) -> np.ndarray:
+    """First output of ``session`` for one input batch (see :func:`ort_feed`)."""
+    return session.run(None, ort_feed(session, x))[0]
