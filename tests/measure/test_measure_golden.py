@@ -13,6 +13,12 @@ ONNX Runtime and the CPU (its kernels); each is checked only where they match th
 The torch-x86 backend's per-layer notes (its output grids) are recorded too. Re-record (after a
 deliberate change of the exported graph, with a new ``EXPORT_REVISION``) with
 ``AUTOQUANT_WRITE_GOLDEN=1``.
+
+Re-recorded on purpose since: the torch-x86 notes of ``tokens-mixed`` (x86 reads its output
+grids from the ``torch.fx`` graph, which sees a 3-D Linear's whole output: exact, not
+calibrated), and the file digests of the exports with sub-8-bit weights (``model.onnx`` now holds
+their int8 codes too, so that it loads in a plain ONNX Runtime session; the graph digests, which
+cover the complete model, did not change).
 """
 
 from __future__ import annotations

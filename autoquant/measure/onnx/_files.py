@@ -1,7 +1,22 @@
 """Files of an export: the ONNX model, the packed sub-8-bit weights, and their size rows.
 
-Weights below 8 bits are stored bit-packed in a sidecar (``weights.packed.npz``) next to the
-ONNX file and left out of it; :func:`load_onnx` restores the int8 initializers.
+``model.onnx`` is complete whatever the bit widths: it loads in a plain
+``onnxruntime.InferenceSession``. A weight below 8 bits is stored there as int8/uint8 codes
+(its values on the narrow grid: ONNX Runtime's integer kernels take 8-bit weights), and, when
+there is one, also bit-packed in the sidecar ``weights.packed.npz`` next to it: the size-true
+artifact. :func:`artifact_weight_bytes` (the size objective) counts the packed bytes; the
+8-bit copies in ``model.onnx`` are size rows of role ``unpacked``, counted in neither
+:attr:`ExportInfo.weight_bytes` nor :attr:`ExportInfo.extra_bytes`.
+
+Why not ONNX INT4/UINT4 initializers (measured with ONNX Runtime 1.32, see
+``notes/onnx-passes.md``): ``DequantizeLinear`` reading INT4 runs, but ONNX Runtime then fuses
+no integer kernel (float Conv/Gemm on dequantized weights); an INT4 initializer ``Cast`` to int8
+keeps the fused kernels, but needs opset 21 for the whole graph (the TorchScript exporter stops
+at 20, and ops such as ReduceMean changed since 17), stores 2- and 3-bit weights in 4 bits and
+5- to 7-bit ones in 8, so it is not the packed size either.
+
+Exports written before (sub-8-bit weights only in the sidecar) still load with
+:func:`load_onnx`, which restores them.
 """
 
 from __future__ import annotations
@@ -49,7 +64,7 @@ class ExportInfo:
     """What :func:`export_onnx` wrote.
 
     Attributes:
-        path: the ONNX file (sub-8-bit weights left out when a sidecar exists).
+        path: the ONNX file (complete: it loads in a plain ``onnxruntime.InferenceSession``).
         sidecar: the packed sub-8-bit weights, or None when every weight is 8-bit or float.
         formats: per plan layer, how it runs (see :func:`describe_layer`).
         requant: per integer layer, how its output is quantized (``exact``, ``calibrated``,
@@ -115,9 +130,9 @@ def export_onnx(
         model: the calibrated (and possibly fine-tuned) result of
             :func:`autoquant.transform.apply_plan`; a float model with ``plan=None``.
         plan: the plan ``model`` was built from.
-        path: the ``.onnx`` file to write; a sidecar ``weights.packed.npz`` is written next to
-            it when some weight has fewer than 8 bits (those weights are then left out of the
-            ONNX file: load it with :func:`load_onnx`).
+        path: the ``.onnx`` file to write (complete, whatever the bit widths); a sidecar
+            ``weights.packed.npz`` with the bit-packed sub-8-bit weights is written next to it
+            when some weight has fewer than 8 bits (see the module doc).
         example_input: an input batch (any batch size: the batch axis is dynamic).
         calib_inputs: inputs to observe output ranges on, for layers whose output needs its
             own 8-bit grid; default ``[example_input]``. Pass real calibration batches for an
@@ -137,6 +152,10 @@ def export_onnx(
         >>> info = export_onnx(q, plan, tempfile.mkdtemp() + "/m.onnx", torch.randn(1, 1, 4, 4))
         >>> info.sidecar.name, info.weight_bytes == packed_size_bytes(q, plan)
         ('weights.packed.npz', True)
+        >>> import onnxruntime  # model.onnx is complete: a plain session runs it
+        >>> onnxruntime.InferenceSession(str(info.path)).run(None, {"input": np.ones((2, 1, 4, 4),
+        ...     np.float32)})[0].shape
+        (2, 2)
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -147,9 +166,6 @@ def export_onnx(
     if packed:
         write_sidecar(sidecar, packed)
         proto = copy.deepcopy(proto)
-        keep = [i for i in proto.graph.initializer if i.name not in packed]
-        del proto.graph.initializer[:]
-        proto.graph.initializer.extend(keep)
         onnx.helper.set_model_props(
             proto,
             {**{p.key: p.value for p in proto.metadata_props}, SIDECAR_KEY: SIDECAR_NAME},
@@ -164,55 +180,76 @@ def export_onnx(
         formats=qdq.formats,
         requant={n: requant_text(r) for n, r in qdq.requant.items()},
         weight_bytes=sum(r["bytes"] for r in rows if r["role"] in SIZE_ROLES),
-        extra_bytes=sum(r["bytes"] for r in rows if r["role"] not in SIZE_ROLES),
+        extra_bytes=sum(r["bytes"] for r in rows if r["role"] in ("extra", "constant")),
         packed=sorted(packed),
     )
 
 
 def load_onnx(path: str | Path) -> onnx.ModelProto:
-    """Load an exported model, restoring bit-packed sub-8-bit weights from the sidecar.
+    """Load an exported model; a sub-8-bit weight missing from the file (an export written
+    before ``model.onnx`` held them) is restored from the sidecar.
 
     Returns a complete ``onnx.ModelProto`` (int8/uint8 initializers) ready for ONNX Runtime.
+
+    Raises:
+        FileNotFoundError: weights are missing and so is the sidecar holding them.
     """
     path = Path(path)
     proto = onnx.load(str(path))
     props = {p.key: p.value for p in proto.metadata_props}
-    if SIDECAR_KEY in props:
+    have = {i.name for i in proto.graph.initializer}
+    needed = {t for n in proto.graph.node for t in n.input} - have
+    needed -= {t for n in proto.graph.node for t in n.output} | {i.name for i in proto.graph.input}
+    needed.discard("")
+    if needed and SIDECAR_KEY in props:
         sidecar = path.parent / props[SIDECAR_KEY]
         if not sidecar.exists():
             raise FileNotFoundError(f"{path} needs its packed weights {sidecar}")
         proto.graph.initializer.extend(
-            numpy_helper.from_array(t.unpack(), name) for name, t in read_sidecar(sidecar).items()
+            numpy_helper.from_array(t.unpack(), name)
+            for name, t in read_sidecar(sidecar).items()
+            if name in needed
         )
     return proto
 
 
 def artifact_size_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Stored tensors of an exported model: name, role, where, bytes (as stored)."""
+    """Stored tensors of an exported model: name, role, where, bytes (as stored).
+
+    A sub-8-bit weight has two rows: its packed bytes in the sidecar (role ``weight``) and its
+    8-bit copy in ``model.onnx`` (role ``unpacked``).
+
+    Raises:
+        FileNotFoundError: the model has packed weights and their sidecar is missing.
+    """
     path = Path(path)
     proto = onnx.load(str(path))
     props = {p.key: p.value for p in proto.metadata_props}
     roles = json.loads(props.get(ROLES_KEY, "{}"))
+    packed = {}
+    if SIDECAR_KEY in props:
+        sidecar = path.parent / props[SIDECAR_KEY]
+        if not sidecar.exists():
+            raise FileNotFoundError(f"{path} needs its packed weights {sidecar}")
+        packed = read_sidecar(sidecar)
     rows = [
         {
             "tensor": i.name,
-            "role": roles.get(i.name, "constant"),
+            "role": "unpacked" if i.name in packed else roles.get(i.name, "constant"),
             "file": path.name,
             "bytes": int(numpy_helper.to_array(i).nbytes),
         }
         for i in proto.graph.initializer
     ]
-    if SIDECAR_KEY in props:
-        sidecar = path.parent / props[SIDECAR_KEY]
-        rows += [
-            {
-                "tensor": n,
-                "role": roles.get(n, "weight"),
-                "file": sidecar.name,
-                "bytes": int(t.data.nbytes),
-            }
-            for n, t in read_sidecar(sidecar).items()
-        ]
+    rows += [
+        {
+            "tensor": n,
+            "role": roles.get(n, "weight"),
+            "file": props[SIDECAR_KEY],
+            "bytes": int(t.data.nbytes),
+        }
+        for n, t in packed.items()
+    ]
     return rows
 
 
