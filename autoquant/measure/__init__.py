@@ -61,6 +61,8 @@ from autoquant.measure._layers import (
 )
 from autoquant.measure._optional import onnx_export
 from autoquant.measure._pack import SIDECAR_NAME, pack_bits, read_sidecar, unpack_bits
+from autoquant.measure._remeasure import Remeasurement, remeasure
+from autoquant.measure._timing import MAX_SPREAD
 from autoquant.measure._torch_x86 import lower_to_torch_x86
 
 # The ONNX export needs the optional ``onnx`` package: its names load on first use, so that
@@ -87,6 +89,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "BACKENDS",
+    "MAX_SPREAD",
     "SATURATION_ENV",
     "SIDECAR_NAME",
     "SIZE_ROLES",
@@ -101,6 +104,7 @@ __all__ = [
     "MemoryStore",
     "OnnxOp",
     "OnnxRuntimeBackend",
+    "Remeasurement",
     "TensorFormat",
     "TorchX86Backend",
     "architecture_hash",
@@ -129,6 +133,7 @@ __all__ = [
     "read_sidecar",
     "register_backend",
     "register_deployment",
+    "remeasure",
     "tensor_format",
     "unpack_bits",
     "unregister_deployment",

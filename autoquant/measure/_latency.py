@@ -1,4 +1,10 @@
-"""Measured latency of the deployed model on a real integer backend, cached by graph signature."""
+"""Measured latency of the deployed model on a real integer backend, cached by graph signature.
+
+A measurement records its spread (interquartile range over median); above ``max_spread`` it is
+timed again (``retries`` more times at most) and, if still too wide, cached and returned flagged
+``noisy``, never as if it were good. :func:`~autoquant.measure.remeasure` re-times a set of
+deployed plans interleaved with the float model, e.g. a search's front before it is reported.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ import os
 import platform
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import lru_cache
 from typing import Any
 
@@ -18,7 +24,14 @@ from torch import nn
 from autoquant.measure._backends import get_backend
 from autoquant.measure._cache import LatencyCache
 from autoquant.measure._formats import graph_signature, plan_formats
-from autoquant.measure._timing import check_protocol, time_calls
+from autoquant.measure._timing import (
+    MAX_SPREAD,
+    Timing,
+    check_count,
+    check_protocol,
+    spread,
+    stable_timing,
+)
 from autoquant.transform import Inputs, as_tuple, batch_len, fold_batchnorm, map_inputs
 from autoquant.types import QuantPlan
 
@@ -46,6 +59,10 @@ class LatencyResult:
         inner: calls per timed sample (fast calls are grouped to beat timer overhead).
         notes: per layer, the backend's plan-independent part of ``formats`` (output grids,
             fallbacks); a cache hit rebuilds ``formats`` for the asking plan from it.
+        spread: ``iqr_ms / median_ms``.
+        noisy: the spread stayed above the threshold after every attempt: the machine was too
+            busy for a trustworthy figure.
+        attempts: timings this figure took (1 + retries while noisy; rounds of a re-measure).
     """
 
     median_ms: float
@@ -62,14 +79,20 @@ class LatencyResult:
     kernels: dict[str, int] = field(default_factory=dict)
     inner: int = 1
     notes: dict[str, str] = field(default_factory=dict)
+    spread: float = 0.0
+    noisy: bool = False
+    attempts: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LatencyResult:
+        """From :meth:`to_dict` (also of a version without ``spread``: computed)."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        values.setdefault("spread", spread(values["iqr_ms"], values["median_ms"]))
+        return cls(**values)
 
 
 # ---------------------------------------------------------------------------------------
@@ -166,6 +189,8 @@ def measure_latencies(
     budget_s: float = 2.0,
     cache: LatencyCache | None = None,
     calib_inputs: Iterable[Inputs] | None = None,
+    retries: int = 2,
+    max_spread: float = MAX_SPREAD,
 ) -> list[LatencyResult]:
     """:func:`measure_latency` at several batch sizes, deploying the model at most once.
 
@@ -177,13 +202,12 @@ def measure_latencies(
     Returns:
         One :class:`LatencyResult` per batch size, in order.
     """
-    check_protocol(threads, warmup, repeats, budget_s)
+    check_protocol(threads, warmup, repeats, budget_s, retries, max_spread)
     impl = get_backend(backend)
     if batch_sizes is None:
         batch_sizes = [batch_len(example_input)]
     for b in batch_sizes:
-        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
-            raise ValueError(f"batch_size={b!r} is not allowed; allowed values: an integer >= 1")
+        check_count("batch_size", b, 1)
     t0 = time.perf_counter()
     if plan is None or not plan.layers:
         model = fold_batchnorm(model).eval()  # the float graph is deployed BN-folded
@@ -210,22 +234,26 @@ def measure_latencies(
             b = batch_sizes[i]
             fn = deployed.runner(batched(example_input, b))
             with impl.threads_context(threads):
-                timing = time_calls(fn, warmup=warmup, repeats=repeats, budget_s=budget_s)
-            result = LatencyResult(
-                median_ms=timing.median_ms,
-                iqr_ms=timing.iqr_ms,
+                timing, attempts = stable_timing(
+                    fn,
+                    warmup=warmup,
+                    repeats=repeats,
+                    budget_s=budget_s,
+                    retries=retries,
+                    max_spread=max_spread,
+                )
+            result = result_of(
+                timing,
+                attempts,
+                max_spread,
                 backend=backend,
                 threads=threads,
                 batch_size=b,
-                n=len(timing.samples_ms),
                 formats=dict(deployed.formats),
                 notes=dict(deployed.notes),
-                cached=False,
-                measure_s=0.0,
                 signature=sig,
                 key=keys[i],
                 kernels=dict(deployed.kernels),
-                inner=timing.inner,
             )
             if cache is not None:
                 cache.set(
@@ -234,11 +262,21 @@ def measure_latencies(
             results[i] = result
     elapsed = time.perf_counter() - t0
     # The call's whole cost (lookup, or deployment and timing) goes on each result.
-    return [
-        LatencyResult.from_dict({**r.to_dict(), "measure_s": elapsed})
-        for r in results
-        if r is not None
-    ]
+    return [replace(r, measure_s=elapsed) for r in results if r is not None]
+
+
+def result_of(timing: Timing, attempts: int, max_spread: float, **fields: Any) -> LatencyResult:
+    """A fresh :class:`LatencyResult` of ``timing``, flagged noisy above ``max_spread``."""
+    return LatencyResult(
+        median_ms=timing.median_ms,
+        iqr_ms=timing.iqr_ms,
+        n=len(timing.samples_ms),
+        inner=timing.inner,
+        spread=timing.spread,
+        noisy=timing.spread > max_spread,
+        attempts=attempts,
+        **fields,
+    )
 
 
 def measure_latency(
@@ -253,14 +291,19 @@ def measure_latency(
     budget_s: float = 2.0,
     cache: LatencyCache | None = None,
     calib_inputs: Iterable[Inputs] | None = None,
+    retries: int = 2,
+    max_spread: float = MAX_SPREAD,
 ) -> LatencyResult:
     """Latency of ``plan`` deployed on a real integer backend, at ``example_input``'s batch size.
 
     Protocol: ``threads`` intra-op threads (ONNX Runtime session option; torch's thread count
     is set and restored), ``warmup`` untimed runs, then timed samples until ``repeats`` samples
-    or ``budget_s`` seconds (at least 3 samples); median and interquartile range. With a
-    ``cache``, a graph with the same signature (see :func:`graph_signature`), backend, batch
-    size, threads and input shape is measured once.
+    or ``budget_s`` seconds (at least 3 samples); median and interquartile range. A timing
+    whose spread (IQR / median) exceeds ``max_spread`` is done again, ``retries`` times at
+    most; the least spread one is kept, flagged ``noisy`` if still too wide. With a ``cache``,
+    a graph with the same signature (see :func:`graph_signature`), backend, batch size, threads
+    and input shape is measured once (a noisy figure stays flagged in the cache; re-time it
+    with :func:`~autoquant.measure.remeasure`).
 
     Args:
         model: the calibrated result of :func:`autoquant.transform.apply_plan` (values do not
@@ -276,6 +319,8 @@ def measure_latency(
         cache: a :class:`LatencyCache` to reuse measurements.
         calib_inputs: inputs for the output ranges of layers that need their own 8-bit output
             grid (default ``[example_input]``; latency does not depend on it).
+        retries: timings again at most while the spread exceeds ``max_spread``.
+        max_spread: the largest IQR / median of a trustworthy measurement.
 
     Returns:
         A :class:`LatencyResult`.
@@ -298,6 +343,8 @@ def measure_latency(
         budget_s=budget_s,
         cache=cache,
         calib_inputs=calib_inputs,
+        retries=retries,
+        max_spread=max_spread,
     )[0]
 
 
@@ -311,6 +358,8 @@ def measure_float_latency(
     repeats: int = 50,
     budget_s: float = 2.0,
     cache: LatencyCache | None = None,
+    retries: int = 2,
+    max_spread: float = MAX_SPREAD,
 ) -> LatencyResult:
     """Latency of the float32 model (BatchNorm folded) on ``backend``: the baseline.
 
@@ -329,4 +378,6 @@ def measure_float_latency(
         repeats=repeats,
         budget_s=budget_s,
         cache=cache,
+        retries=retries,
+        max_spread=max_spread,
     )
