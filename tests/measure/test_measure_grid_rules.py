@@ -73,3 +73,41 @@ def test_the_onnx_export_follows_the_table(monkeypatch: pytest.MonkeyPatch) -> N
     assert analyse(q, plan, x).requant["0"].mode == "exact"  # onto conv 2's grid, through ReLU
     monkeypatch.delitem(ONNX_GRID_RULES, "Relu")  # the one table, not a copy of it
     assert analyse(q, plan, x).requant["0"].mode == "calibrated"
+
+
+def _int8_adds(model: nn.Module) -> QuantPlan:
+    from autoquant.transform import quantizable_names
+
+    spec = LayerPlan(QuantSpec(bits=8), QuantSpec(bits=8, symmetric=False))
+    return QuantPlan(
+        {n: spec for n in quantizable_names(model)}, adds=QuantSpec(bits=8, symmetric=False)
+    )
+
+
+@pytest.mark.parametrize("adds", [False, True], ids=["float-adds", "int8-adds"])
+@pytest.mark.parametrize("name", ["tiny", "resnet8", "digits"])
+def test_fx_and_onnx_find_the_same_output_grids(name: str, adds: bool) -> None:
+    # torch-x86 reads the chains off the torch.fx graph, ONNX Runtime off the export: one walk
+    # over one table, so both see the same grid and the same ReLU after each layer.
+    from measure_models import resnet8, tiny_model
+
+    from autoquant.measure._requant import fx_chains
+    from autoquant.measure.onnx._graph import add_marks, layer_chains
+    from autoquant.tasks import DigitsCNN
+
+    torch.manual_seed(0)
+    model, shape = {
+        "tiny": (tiny_model, (3, 8, 8)),
+        "resnet8": (resnet8, (3, 32, 32)),
+        "digits": (lambda: DigitsCNN().eval(), (1, 8, 8)),
+    }[name]
+    model = model()
+    plan = _int8_adds(model)
+    if not adds:
+        plan = QuantPlan(plan.layers)
+    x = torch.randn(8, *shape)
+    q = quantized(model, plan, [x])
+    an = analyse(q, plan, x[:1])
+    onnx_chains = layer_chains(an.proto, {n: an.nodes[n] for n in an.layers}, add_marks(an.proto))
+    assert fx_chains(q, an.layers) == onnx_chains
+    assert any(relu for _, relu in onnx_chains.values())
