@@ -31,5 +31,5 @@ class Pass:
 
     @property
     def summary(self) -> str:
-        """The first line of the rewrite's docstring."""
-        return (self.run.__doc__ or "").strip().split("\n")[0]
+        """The first paragraph of the rewrite's docstring, on one line."""
+        return " ".join((self.run.__doc__ or "").strip().split("\n\n")[0].split())
