@@ -19,14 +19,24 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any
+
+from autoquant.measure._backends import (
+    BACKENDS,
+    LatencyBackend,
+    OnnxRuntimeBackend,
+    TorchX86Backend,
+    get_backend,
+    register_backend,
+)
 from autoquant.measure._cache import JsonFileStore, KeyValueStore, LatencyCache, MemoryStore
-from autoquant.measure._deploy import (
+from autoquant.measure._deploy import float_clone
+from autoquant.measure._formats import (
     SATURATION_ENV,
     LayerFormat,
     TensorFormat,
     architecture_hash,
     describe_layer,
-    float_clone,
     graph_signature,
     int8_saturates,
     layer_formats,
@@ -34,34 +44,52 @@ from autoquant.measure._deploy import (
     tensor_format,
 )
 from autoquant.measure._latency import (
-    BACKENDS,
-    LatencyBackend,
     LatencyResult,
-    OnnxRuntimeBackend,
-    TorchX86Backend,
-    get_backend,
     latency_key,
     machine_info,
     measure_float_latency,
     measure_latencies,
     measure_latency,
-    register_backend,
 )
-from autoquant.measure._onnx import (
-    SIZE_ROLES,
-    ExportInfo,
-    artifact_size_rows,
-    artifact_weight_bytes,
-    export_onnx,
-    fused_op_types,
-    load_onnx,
-    ort_session,
+from autoquant.measure._layers import (
+    LayerDeployment,
+    OnnxOp,
+    deployment_of,
+    deployments,
+    register_deployment,
+    unregister_deployment,
 )
+from autoquant.measure._optional import onnx_export
 from autoquant.measure._pack import SIDECAR_NAME, pack_bits, read_sidecar, unpack_bits
+from autoquant.measure._remeasure import Remeasurement, remeasure
+from autoquant.measure._timing import MAX_SPREAD
 from autoquant.measure._torch_x86 import lower_to_torch_x86
+
+# The ONNX export needs the optional ``onnx`` package: its names load on first use, so that
+# ``import autoquant.measure`` and the torch-x86 backend work without it.
+_ONNX_NAMES = frozenset(
+    {
+        "SIZE_ROLES",
+        "ExportInfo",
+        "artifact_size_rows",
+        "artifact_weight_bytes",
+        "export_onnx",
+        "fused_op_types",
+        "load_onnx",
+        "ort_session",
+    }
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ONNX_NAMES:
+        return getattr(onnx_export(), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BACKENDS",
+    "MAX_SPREAD",
     "SATURATION_ENV",
     "SIDECAR_NAME",
     "SIZE_ROLES",
@@ -71,14 +99,19 @@ __all__ = [
     "LatencyBackend",
     "LatencyCache",
     "LatencyResult",
+    "LayerDeployment",
     "LayerFormat",
     "MemoryStore",
+    "OnnxOp",
     "OnnxRuntimeBackend",
+    "Remeasurement",
     "TensorFormat",
     "TorchX86Backend",
     "architecture_hash",
     "artifact_size_rows",
     "artifact_weight_bytes",
+    "deployment_of",
+    "deployments",
     "describe_layer",
     "export_onnx",
     "float_clone",
@@ -99,6 +132,9 @@ __all__ = [
     "plan_formats",
     "read_sidecar",
     "register_backend",
+    "register_deployment",
+    "remeasure",
     "tensor_format",
     "unpack_bits",
+    "unregister_deployment",
 ]

@@ -1,27 +1,38 @@
-"""Measured latency of the deployed model on a real integer backend, cached by graph signature."""
+"""Measured latency of the deployed model on a real integer backend, cached by graph signature.
+
+A measurement records its spread (interquartile range over median); above ``max_spread`` it is
+timed again (``retries`` more times at most) and, if still too wide, cached and returned flagged
+``noisy``, never as if it were good. :func:`~autoquant.measure.remeasure` re-times a set of
+deployed plans interleaved with the float model, e.g. a search's front before it is reported.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import platform
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import lru_cache
-from typing import Any, Protocol
+from typing import Any
 
-import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
+from autoquant.measure._backends import get_backend
 from autoquant.measure._cache import LatencyCache
-from autoquant.measure._deploy import graph_signature, plan_formats
-from autoquant.measure._timing import check_protocol, time_calls
-from autoquant.train import torch_threads
-from autoquant.transform import fold_batchnorm
+from autoquant.measure._formats import graph_signature, plan_formats
+from autoquant.measure._timing import (
+    MAX_SPREAD,
+    Timing,
+    check_count,
+    check_protocol,
+    spread,
+    stable_timing,
+)
+from autoquant.transform import Inputs, as_tuple, batch_len, fold_batchnorm, map_inputs
 from autoquant.types import QuantPlan
 
 
@@ -48,6 +59,10 @@ class LatencyResult:
         inner: calls per timed sample (fast calls are grouped to beat timer overhead).
         notes: per layer, the backend's plan-independent part of ``formats`` (output grids,
             fallbacks); a cache hit rebuilds ``formats`` for the asking plan from it.
+        spread: ``iqr_ms / median_ms``.
+        noisy: the spread stayed above the threshold after every attempt: the machine was too
+            busy for a trustworthy figure.
+        attempts: timings this figure took (1 + retries while noisy; rounds of a re-measure).
     """
 
     median_ms: float
@@ -64,221 +79,20 @@ class LatencyResult:
     kernels: dict[str, int] = field(default_factory=dict)
     inner: int = 1
     notes: dict[str, str] = field(default_factory=dict)
+    spread: float = 0.0
+    noisy: bool = False
+    attempts: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LatencyResult:
+        """From :meth:`to_dict` (also of a version without ``spread``: computed)."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-
-# ---------------------------------------------------------------------------------------
-# Backends
-# ---------------------------------------------------------------------------------------
-
-
-class Deployed(Protocol):
-    """A model deployed on a backend, ready to time."""
-
-    formats: dict[str, str]
-    notes: dict[str, str]
-    kernels: dict[str, int]
-
-    def runner(self, x: Tensor) -> Callable[[], object]:
-        """A zero-argument call that runs one inference on ``x`` (input prepared up front)."""
-        ...
-
-    def run(self, x: Tensor) -> Tensor:
-        """Outputs for ``x`` as a float tensor (first output)."""
-        ...
-
-
-class LatencyBackend(Protocol):
-    """Deploys a calibrated fake-quant model on real kernels."""
-
-    name: str
-
-    def deploy(
-        self,
-        model: nn.Module,
-        plan: QuantPlan | None,
-        example_input: Tensor,
-        *,
-        threads: int,
-        calib_inputs: Iterable[Tensor] | None = None,
-    ) -> Deployed: ...
-
-    def threads_context(self, threads: int) -> Any:
-        """Context manager entered around timing (e.g. torch's thread count)."""
-        ...
-
-    def version(self) -> str: ...
-
-
-class _OrtDeployed:
-    def __init__(
-        self, session: Any, formats: dict[str, str], notes: dict[str, str], kernels: dict[str, int]
-    ) -> None:
-        self.session = session
-        self.formats = formats
-        self.notes = notes
-        self.kernels = kernels
-        self.input_name = session.get_inputs()[0].name
-
-    def runner(self, x: Tensor) -> Callable[[], object]:
-        feed = {self.input_name: np.ascontiguousarray(x.detach().float().numpy())}
-        session = self.session
-        return lambda: session.run(None, feed)
-
-    def run(self, x: Tensor) -> Tensor:
-        feed = {self.input_name: x.detach().float().numpy()}
-        return torch.from_numpy(self.session.run(None, feed)[0])
-
-
-class OnnxRuntimeBackend:
-    """ONNX Runtime (CPU): the QDQ export of :func:`export_onnx`, fused into integer kernels."""
-
-    name = "onnxruntime"
-
-    def deploy(
-        self,
-        model: nn.Module,
-        plan: QuantPlan | None,
-        example_input: Tensor,
-        *,
-        threads: int,
-        calib_inputs: Iterable[Tensor] | None = None,
-    ) -> Deployed:
-        import tempfile
-        from pathlib import Path
-
-        import onnx
-
-        from autoquant.measure._onnx import build_qdq, ort_session
-
-        qdq = build_qdq(model, plan, example_input, calib_inputs)
-        with tempfile.TemporaryDirectory() as tmp:
-            optimized = Path(tmp) / "optimized.onnx"
-            session = ort_session(qdq.proto, threads, optimized)
-            ops = [n.op_type for n in onnx.load(str(optimized)).graph.node]
-        kernels = {op: ops.count(op) for op in sorted(set(ops)) if op in _KERNEL_OPS}
-        return _OrtDeployed(session, qdq.formats, qdq.tails, kernels)
-
-    def threads_context(self, threads: int) -> Any:
-        return contextlib.nullcontext()  # threads are a session option
-
-    def version(self) -> str:
-        import onnxruntime
-
-        from autoquant.measure._onnx import EXPORT_REVISION
-
-        return f"onnxruntime-{onnxruntime.__version__}+export{EXPORT_REVISION}"
-
-
-# Ops that do a layer's arithmetic: the integer fused ones and their float fallbacks.
-_KERNEL_OPS = frozenset(
-    {
-        "QLinearConv",
-        "QLinearMatMul",
-        "QGemm",
-        "MatMulInteger",
-        "MatMulIntegerToFloat",
-        "QLinearAdd",
-        "QLinearGlobalAveragePool",
-        "ConvInteger",
-        "DynamicQuantizeMatMul",
-        "Conv",
-        "FusedConv",
-        "Gemm",
-        "FusedGemm",
-        "MatMul",
-        "FusedMatMul",
-        "NhwcFusedConv",
-    }
-)
-
-
-class _TorchDeployed:
-    def __init__(
-        self,
-        module: nn.Module,
-        formats: dict[str, str],
-        notes: dict[str, str],
-        kernels: dict[str, int],
-    ) -> None:
-        self.module = module
-        self.formats = formats
-        self.notes = notes
-        self.kernels = kernels
-
-    def runner(self, x: Tensor) -> Callable[[], object]:
-        module = self.module
-        return lambda: module(x)  # timed inside threads_context (inference mode)
-
-    def run(self, x: Tensor) -> Tensor:
-        with torch.inference_mode():
-            return self.module(x).float()
-
-
-class TorchX86Backend:
-    """PyTorch's x86 int8 engine (``torch.ao.nn.quantized`` Conv/Linear, quint8 inputs)."""
-
-    name = "torch-x86"
-
-    def deploy(
-        self,
-        model: nn.Module,
-        plan: QuantPlan | None,
-        example_input: Tensor,
-        *,
-        threads: int,
-        calib_inputs: Iterable[Tensor] | None = None,
-    ) -> Deployed:
-        from autoquant.measure._deploy import float_clone
-        from autoquant.measure._torch_x86 import kernel_counts, lower_with_notes
-
-        if plan is None or not plan.layers:
-            module = float_clone(model)
-            counts: dict[str, int] = {}
-            for m in module.modules():
-                if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
-                    key = "float:" + type(m).__name__
-                    counts[key] = counts.get(key, 0) + 1
-            return _TorchDeployed(module, {}, {}, counts)
-        module, notes = lower_with_notes(model, plan, example_input, calib_inputs=calib_inputs)
-        formats = plan_formats(plan, self.name, notes)
-        return _TorchDeployed(module, formats, notes, kernel_counts(module))
-
-    @contextlib.contextmanager
-    def threads_context(self, threads: int) -> Iterator[None]:
-        with torch_threads(threads), torch.inference_mode():
-            yield
-
-    def version(self) -> str:
-        return f"torch-{torch.__version__}-{torch.backends.quantized.engine}"
-
-
-BACKENDS: dict[str, LatencyBackend] = {
-    "onnxruntime": OnnxRuntimeBackend(),
-    "torch-x86": TorchX86Backend(),
-}
-
-
-def register_backend(backend: LatencyBackend) -> None:
-    """Make a backend available to :func:`measure_latency` by its ``name``."""
-    BACKENDS[backend.name] = backend
-
-
-def get_backend(name: str) -> LatencyBackend:
-    try:
-        return BACKENDS[name]
-    except KeyError:
-        raise ValueError(
-            f"backend={name!r} is not allowed; allowed values: "
-            f"{', '.join(repr(b) for b in BACKENDS)}"
-        ) from None
+        values = {k: v for k, v in data.items() if k in known}
+        values.setdefault("spread", spread(values["iqr_ms"], values["median_ms"]))
+        return cls(**values)
 
 
 # ---------------------------------------------------------------------------------------
@@ -317,11 +131,29 @@ def hardware_id() -> str:
     return f"{info['cpu']} x{info['cores']}"
 
 
+def input_signature(example_input: Inputs) -> list[Any]:
+    """What of the inputs sets the time, besides the batch size: the per-sample shape of a
+    float32 tensor; for other dtypes or several inputs, each one's per-sample shape and dtype.
+
+    Example:
+        >>> import torch
+        >>> input_signature(torch.zeros(2, 3, 8, 8))
+        [3, 8, 8]
+        >>> input_signature((torch.zeros(2, 7, dtype=torch.long), torch.ones(2, 7)))
+        [[[7], 'int64'], [[7], 'float32']]
+    """
+    inputs = as_tuple(example_input)
+    if len(inputs) == 1 and inputs[0].dtype == torch.float32:
+        return list(inputs[0].shape[1:])  # the key's form before other inputs existed
+    return [[list(t.shape[1:]), str(t.dtype).removeprefix("torch.")] for t in inputs]
+
+
 def latency_key(
-    signature: str, backend: str, batch_size: int, threads: int, input_shape: Sequence[int]
+    signature: str, backend: str, batch_size: int, threads: int, input_shape: Sequence[Any]
 ) -> str:
     """Cache key of one measurement: the graph signature plus everything else that sets the
-    time (backend and its version, batch size, threads, per-sample input shape, hardware)."""
+    time (backend and its version, batch size, threads, per-sample input shape (see
+    :func:`input_signature`), hardware)."""
     payload = {
         "sig": signature,
         "backend": backend,
@@ -335,17 +167,19 @@ def latency_key(
     return f"{backend}:b{batch_size}:t{threads}:" + hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def _batch(x: Tensor, batch_size: int) -> Tensor:
-    if x.shape[0] == batch_size:
-        return x
-    idx = torch.arange(batch_size) % x.shape[0]  # cycle the real rows
-    return x[idx].contiguous()
+def batched(example_input: Inputs, batch_size: int) -> Inputs:
+    """``example_input`` at ``batch_size``: each input's rows cycled (or cut)."""
+    if batch_len(example_input) == batch_size:
+        return example_input
+    n = batch_len(example_input)
+    idx = torch.arange(batch_size) % n
+    return map_inputs(example_input, lambda t: t[idx].contiguous())
 
 
 def measure_latencies(
     model: nn.Module,
     plan: QuantPlan | None,
-    example_input: Tensor,
+    example_input: Inputs,
     batch_sizes: Sequence[int] | None = None,
     *,
     backend: str = "onnxruntime",
@@ -354,30 +188,32 @@ def measure_latencies(
     repeats: int = 50,
     budget_s: float = 2.0,
     cache: LatencyCache | None = None,
-    calib_inputs: Iterable[Tensor] | None = None,
+    calib_inputs: Iterable[Inputs] | None = None,
+    retries: int = 2,
+    max_spread: float = MAX_SPREAD,
 ) -> list[LatencyResult]:
     """:func:`measure_latency` at several batch sizes, deploying the model at most once.
 
     Args:
         batch_sizes: batch sizes to time (default: ``example_input``'s); inputs of another
-            batch size cycle ``example_input``'s rows.
+            batch size cycle ``example_input``'s rows (every input's).
         (others): as in :func:`measure_latency`.
 
     Returns:
         One :class:`LatencyResult` per batch size, in order.
     """
-    check_protocol(threads, warmup, repeats, budget_s)
+    check_protocol(threads, warmup, repeats, budget_s, retries, max_spread)
     impl = get_backend(backend)
     if batch_sizes is None:
-        batch_sizes = [int(example_input.shape[0])]
+        batch_sizes = [batch_len(example_input)]
     for b in batch_sizes:
-        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
-            raise ValueError(f"batch_size={b!r} is not allowed; allowed values: an integer >= 1")
+        check_count("batch_size", b, 1)
     t0 = time.perf_counter()
     if plan is None or not plan.layers:
         model = fold_batchnorm(model).eval()  # the float graph is deployed BN-folded
     sig = graph_signature(model, plan)
-    keys = [latency_key(sig, backend, b, threads, example_input.shape[1:]) for b in batch_sizes]
+    shape = input_signature(example_input)
+    keys = [latency_key(sig, backend, b, threads, shape) for b in batch_sizes]
     results: list[LatencyResult | None] = [None] * len(keys)
     if cache is not None:
         for i, key in enumerate(keys):
@@ -396,24 +232,28 @@ def measure_latencies(
         for i in todo:
             t1 = time.perf_counter()
             b = batch_sizes[i]
-            fn = deployed.runner(_batch(example_input, b))
+            fn = deployed.runner(batched(example_input, b))
             with impl.threads_context(threads):
-                timing = time_calls(fn, warmup=warmup, repeats=repeats, budget_s=budget_s)
-            result = LatencyResult(
-                median_ms=timing.median_ms,
-                iqr_ms=timing.iqr_ms,
+                timing, attempts = stable_timing(
+                    fn,
+                    warmup=warmup,
+                    repeats=repeats,
+                    budget_s=budget_s,
+                    retries=retries,
+                    max_spread=max_spread,
+                )
+            result = result_of(
+                timing,
+                attempts,
+                max_spread,
                 backend=backend,
                 threads=threads,
                 batch_size=b,
-                n=len(timing.samples_ms),
                 formats=dict(deployed.formats),
                 notes=dict(deployed.notes),
-                cached=False,
-                measure_s=0.0,
                 signature=sig,
                 key=keys[i],
                 kernels=dict(deployed.kernels),
-                inner=timing.inner,
             )
             if cache is not None:
                 cache.set(
@@ -422,17 +262,27 @@ def measure_latencies(
             results[i] = result
     elapsed = time.perf_counter() - t0
     # The call's whole cost (lookup, or deployment and timing) goes on each result.
-    return [
-        LatencyResult.from_dict({**r.to_dict(), "measure_s": elapsed})
-        for r in results
-        if r is not None
-    ]
+    return [replace(r, measure_s=elapsed) for r in results if r is not None]
+
+
+def result_of(timing: Timing, attempts: int, max_spread: float, **fields: Any) -> LatencyResult:
+    """A fresh :class:`LatencyResult` of ``timing``, flagged noisy above ``max_spread``."""
+    return LatencyResult(
+        median_ms=timing.median_ms,
+        iqr_ms=timing.iqr_ms,
+        n=len(timing.samples_ms),
+        inner=timing.inner,
+        spread=timing.spread,
+        noisy=timing.spread > max_spread,
+        attempts=attempts,
+        **fields,
+    )
 
 
 def measure_latency(
     model: nn.Module,
     plan: QuantPlan | None,
-    example_input: Tensor,
+    example_input: Inputs,
     *,
     backend: str = "onnxruntime",
     threads: int = 1,
@@ -440,21 +290,27 @@ def measure_latency(
     repeats: int = 50,
     budget_s: float = 2.0,
     cache: LatencyCache | None = None,
-    calib_inputs: Iterable[Tensor] | None = None,
+    calib_inputs: Iterable[Inputs] | None = None,
+    retries: int = 2,
+    max_spread: float = MAX_SPREAD,
 ) -> LatencyResult:
     """Latency of ``plan`` deployed on a real integer backend, at ``example_input``'s batch size.
 
     Protocol: ``threads`` intra-op threads (ONNX Runtime session option; torch's thread count
     is set and restored), ``warmup`` untimed runs, then timed samples until ``repeats`` samples
-    or ``budget_s`` seconds (at least 3 samples); median and interquartile range. With a
-    ``cache``, a graph with the same signature (see :func:`graph_signature`), backend, batch
-    size, threads and input shape is measured once.
+    or ``budget_s`` seconds (at least 3 samples); median and interquartile range. A timing
+    whose spread (IQR / median) exceeds ``max_spread`` is done again, ``retries`` times at
+    most; the least spread one is kept, flagged ``noisy`` if still too wide. With a ``cache``,
+    a graph with the same signature (see :func:`graph_signature`), backend, batch size, threads
+    and input shape is measured once (a noisy figure stays flagged in the cache; re-time it
+    with :func:`~autoquant.measure.remeasure`).
 
     Args:
         model: the calibrated result of :func:`autoquant.transform.apply_plan` (values do not
             change the latency, but integer weights are computed from them).
         plan: the plan ``model`` was built from; ``None`` for a float model.
-        example_input: one input batch; its batch size is the one measured.
+        example_input: one input batch (a tensor, or a tuple of tensors of any dtype); its
+            batch size is the one measured.
         backend: ``"onnxruntime"`` or ``"torch-x86"``.
         threads: intra-op threads.
         warmup: untimed runs first.
@@ -463,6 +319,8 @@ def measure_latency(
         cache: a :class:`LatencyCache` to reuse measurements.
         calib_inputs: inputs for the output ranges of layers that need their own 8-bit output
             grid (default ``[example_input]``; latency does not depend on it).
+        retries: timings again at most while the spread exceeds ``max_spread``.
+        max_spread: the largest IQR / median of a trustworthy measurement.
 
     Returns:
         A :class:`LatencyResult`.
@@ -485,12 +343,14 @@ def measure_latency(
         budget_s=budget_s,
         cache=cache,
         calib_inputs=calib_inputs,
+        retries=retries,
+        max_spread=max_spread,
     )[0]
 
 
 def measure_float_latency(
     model: nn.Module,
-    example_input: Tensor,
+    example_input: Inputs,
     *,
     backend: str = "onnxruntime",
     threads: int = 1,
@@ -498,6 +358,8 @@ def measure_float_latency(
     repeats: int = 50,
     budget_s: float = 2.0,
     cache: LatencyCache | None = None,
+    retries: int = 2,
+    max_spread: float = MAX_SPREAD,
 ) -> LatencyResult:
     """Latency of the float32 model (BatchNorm folded) on ``backend``: the baseline.
 
@@ -516,4 +378,6 @@ def measure_float_latency(
         repeats=repeats,
         budget_s=budget_s,
         cache=cache,
+        retries=retries,
+        max_spread=max_spread,
     )

@@ -28,13 +28,21 @@ from torch import Tensor, fx, nn
 from autoquant.measure._deploy import (
     DeployedLayer,
     IntQ,
-    Requant,
     activation_intq,
-    plan_formats,
+    check_calls,
+    deployed_layers,
 )
-from autoquant.measure._onnx import analyse
+from autoquant.measure._formats import plan_formats
+from autoquant.measure._layers import deployment_of
+from autoquant.measure._requant import Requant, choose_requant, fx_chains
 from autoquant.quant import FakeQuantize
-from autoquant.transform import add_outputs, strip_add_quantizers
+from autoquant.transform import (
+    Inputs,
+    add_outputs,
+    add_quantizers,
+    call_model,
+    strip_add_quantizers,
+)
 from autoquant.types import QuantPlan
 
 
@@ -186,32 +194,16 @@ def _qweight(dl: DeployedLayer) -> Tensor:
 
 
 def _int_module(dl: DeployedLayer, out: IntQ) -> nn.Module | None:
-    """The quantized torch module of an integer layer, or None if x86 has no such kernel."""
-    import torch.ao.nn.quantized as nnq
-
-    f = dl.float_module
-    if dl.weight_q.axis not in (None, 0):
+    """The quantized torch module of an integer layer (its type's declared x86 module, see
+    :func:`~autoquant.measure.register_deployment`), or None if x86 has no such kernel."""
+    dep = deployment_of(dl.float_module)
+    if dl.weight_q.axis not in (None, 0) or dep is None or dep.x86 is None:
         return None
-    if isinstance(f, nn.Linear):
-        q = nnq.Linear(f.in_features, f.out_features, bias_=f.bias is not None)
-    elif isinstance(f, (nn.Conv1d, nn.Conv2d)):
-        if f.padding_mode != "zeros" or isinstance(f.padding, str):
-            return None
-        cls = nnq.Conv2d if isinstance(f, nn.Conv2d) else nnq.Conv1d
-        q = cls(
-            f.in_channels,
-            f.out_channels,
-            f.kernel_size,
-            stride=f.stride,
-            padding=f.padding,
-            dilation=f.dilation,
-            groups=f.groups,
-            bias=f.bias is not None,
-        )
-    else:
+    q = dep.x86(dl.float_module)
+    if q is None:
         return None
-    bias = None if f.bias is None else f.bias.detach().float()
-    q.set_weight_bias(_qweight(dl), bias)
+    bias = getattr(dl.float_module, "bias", None)
+    q.set_weight_bias(_qweight(dl), None if bias is None else bias.detach().float())
     q.scale, q.zero_point = _quint8(out)
     return q
 
@@ -226,9 +218,9 @@ def _simulated(dl: DeployedLayer) -> nn.Module:
 def lower_to_torch_x86(
     model: nn.Module,
     plan: QuantPlan | None,
-    example_input: Tensor,
+    example_input: Inputs,
     *,
-    calib_inputs: Iterable[Tensor] | None = None,
+    calib_inputs: Iterable[Inputs] | None = None,
     keep_quantized: bool = True,
 ) -> tuple[nn.Module, dict[str, str]]:
     """An eval-mode module running ``plan``'s integer layers on PyTorch's x86 int8 kernels.
@@ -264,17 +256,31 @@ def lower_to_torch_x86(
     return out, plan_formats(plan, "torch-x86", tails)
 
 
+def _analyse(
+    model: nn.Module, plan: QuantPlan, example_input: Inputs, calib_inputs: Iterable[Inputs] | None
+) -> tuple[dict[str, DeployedLayer], dict[str, Requant]]:
+    """The plan's integer layers and their output grids, over the model's ``torch.fx`` graph
+    (the same rules and walk as the ONNX export: no ``onnx`` needed). A Linear's output gets a
+    grid too: x86's quantized Linear has an integer output."""
+    layers = deployed_layers(model, plan)
+    check_calls(model, layers, example_input)
+    grids = {t: activation_intq(fq, t) for t, fq in add_quantizers(model).items()}
+    chains = fx_chains(model, layers)
+    inputs = [example_input] if calib_inputs is None else list(calib_inputs)
+    return layers, choose_requant(model, layers, chains, grids, inputs, float_output_ok=set())
+
+
 def lower_with_notes(
     model: nn.Module,
     plan: QuantPlan | None,
-    example_input: Tensor,
+    example_input: Inputs,
     *,
-    calib_inputs: Iterable[Tensor] | None = None,
+    calib_inputs: Iterable[Inputs] | None = None,
     keep_quantized: bool = True,
 ) -> tuple[nn.Module, dict[str, str]]:
     """:func:`lower_to_torch_x86` returning per-layer deployment notes (format tails)."""
     use_x86_engine()
-    an = analyse(model, plan, example_input, calib_inputs)
+    layers, requant = _analyse(model, plan or QuantPlan(), example_input, calib_inputs)
     out = copy.deepcopy(model).eval()
     if isinstance(out, fx.GraphModule):
         # The adds' quantizers move out of the layers about to be replaced.
@@ -282,8 +288,8 @@ def lower_with_notes(
         _lower_adds(out)
     tails: dict[str, str] = {}
     with quiet_ao():
-        for name, dl in an.layers.items():
-            rq: Requant | None = an.requant.get(name)
+        for name, dl in layers.items():
+            rq: Requant | None = requant.get(name)
             new = None
             if dl.format.int_kernel and not dl.format.saturates and rq is not None:
                 new = _int_module(dl, rq.q)
@@ -298,10 +304,11 @@ def lower_with_notes(
             setattr(out.get_submodule(parent) if parent else out, child, new)
         out.eval()
         if keep_quantized:
-            _keep_runs_quantized(out, an.requant)
+            _keep_runs_quantized(out, requant)
         with torch.inference_mode():
             try:
-                out(example_input)  # also spends torch's one-time deprecation warnings here
+                # Also spends torch's one-time deprecation warnings here.
+                call_model(out, example_input)
             except (RuntimeError, NotImplementedError):
                 # Some op between two layers does not take quantized tensors: hand floats over.
                 for m in out.modules():
@@ -309,7 +316,7 @@ def lower_with_notes(
                         m.emit_quantized = False
                     if isinstance(m, QuantizeTo):
                         m.integer = False
-                out(example_input)
+                call_model(out, example_input)
     for name, m in out.named_modules():
         if isinstance(m, IntKernelLayer) and m.emit_quantized:
             tails[name] += " (handed over as quint8)"

@@ -21,6 +21,7 @@ from autoquant.transform._adds import (
     add_quantizers,
     quantize_adds,
     strip_add_quantizers,
+    trace_quantized,
 )
 from autoquant.transform._apply import apply_plan, calibration, check_plan, quantized_layers
 from autoquant.transform._attention import (
@@ -40,6 +41,18 @@ from autoquant.transform._discover import (
     uniform_plan,
 )
 from autoquant.transform._fold import conv_bn_pairs, fold_batchnorm, fold_batchnorm_
+from autoquant.transform._grid_rules import (
+    GRID_RULES,
+    IDENTITY_RULE,
+    ONNX_GRID_RULES,
+    RELU_RULE,
+    SHAPE_ONLY_ONNX_OPS,
+    GridRule,
+    GridUse,
+    fx_reads_shape_only,
+    fx_rule,
+    reached_grid,
+)
 from autoquant.transform._inputs import (
     Inputs,
     as_tuple,
@@ -66,9 +79,16 @@ from autoquant.transform._registry import (
 from autoquant.transform._size import SizeRow, float_size_bytes, packed_size_bytes, size_breakdown
 
 __all__ = [
+    "GRID_RULES",
+    "IDENTITY_RULE",
+    "ONNX_GRID_RULES",
+    "RELU_RULE",
+    "SHAPE_ONLY_ONNX_OPS",
     "AttentionMatmul",
     "Dataflow",
     "ExplicitMultiheadAttention",
+    "GridRule",
+    "GridUse",
     "Inputs",
     "LayerInfo",
     "LayerStatus",
@@ -96,6 +116,8 @@ __all__ = [
     "float_size_bytes",
     "fold_batchnorm",
     "fold_batchnorm_",
+    "fx_reads_shape_only",
+    "fx_rule",
     "inputs_to",
     "is_quantizable",
     "keep_slow_path_",
@@ -106,11 +128,13 @@ __all__ = [
     "quantizable_types",
     "quantize_adds",
     "quantized_layers",
+    "reached_grid",
     "register_quantizable",
     "registered_base",
     "size_breakdown",
     "strip_add_quantizers",
     "trace_dataflow",
+    "trace_quantized",
     "uniform_plan",
     "wrap_",
     "wrapper_type",

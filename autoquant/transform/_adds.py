@@ -6,8 +6,9 @@ activation tensors, inserts :class:`~autoquant.quant.FakeQuantize` calls so that
 simulation rounds exactly where the deployed graph will:
 
 * an operand that is already on a grid (it reaches back to a quantizer through ops that keep
-  the grid: slicing, zero padding, ReLU, max-pool, reshapes) is left alone; any other operand
-  gets a quantizer;
+  the grid: slicing, zero padding, ReLU, max-pool, reshapes; the rules of
+  :mod:`autoquant.transform._grid_rules`, which the ONNX export reads too) is left alone; any
+  other operand gets a quantizer;
 * the output is quantized after the ReLU that follows the add, when there is one (a
   ``[0, max]`` grid, and ONNX Runtime folds the ReLU into the integer add).
 
@@ -25,20 +26,14 @@ import warnings
 from collections.abc import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from autoquant.quant import FakeQuantize
+from autoquant.transform._grid_rules import RELU_RULE, fx_module, fx_rule
 from autoquant.transform._registry import QuantizedLayer
 from autoquant.types import QuantSpec
 
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
-_RELU_FUNCTIONS = {F.relu, torch.relu}
-# Ops after which a tensor is still on its input's grid (pure data movement, zero padding, or
-# monotone maps that keep zero at zero).
-_GRID_FUNCTIONS = {operator.getitem, torch.flatten, torch.reshape, F.max_pool2d, *_RELU_FUNCTIONS}
-_GRID_METHODS = {"flatten", "view", "reshape", "contiguous", "relu", "permute", "transpose"}
-_GRID_MODULES = (nn.Identity, nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, nn.Dropout)
 _NON_TENSOR_METHODS = {"size", "dim", "numel", "item", "tolist"}
 
 
@@ -67,30 +62,25 @@ def _trace(model: nn.Module) -> fx.Graph:
     return graphs[1][0]
 
 
-def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
-    if node.op != "call_module":
-        return None
-    return gm.get_submodule(str(node.target))
+def trace_quantized(model: nn.Module) -> fx.GraphModule:
+    """``model`` as a ``torch.fx.GraphModule`` with fake-quant layers and quantizers as leaves:
+    ``model`` itself when it is one (quantized adds), else its eval-mode trace.
+
+    Raises:
+        Exception: whatever ``torch.fx`` raises for a model it cannot trace, or
+            ``RuntimeError`` when the traced graph depends on train/eval mode.
+    """
+    if isinstance(model, fx.GraphModule):
+        return model
+    return fx.GraphModule(model, _trace(model), class_name=type(model).__name__)
 
 
 def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
-    return (
-        (node.op == "call_function" and node.target in _RELU_FUNCTIONS)
-        or (node.op == "call_method" and node.target == "relu")
-        or isinstance(_module(gm, node), nn.ReLU)
-    )
+    return fx_rule(gm, node) is RELU_RULE
 
 
 def _keeps_grid(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_function":
-        if node.target is F.pad:  # zero padding only: 0 is on every grid
-            mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
-            value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
-            return mode == "constant" and not value
-        return node.target in _GRID_FUNCTIONS
-    if node.op == "call_method":
-        return node.target in _GRID_METHODS
-    return isinstance(_module(gm, node), _GRID_MODULES)
+    return fx_rule(gm, node) is not None
 
 
 def _is_tensor(node: object) -> bool:
@@ -111,7 +101,7 @@ def _is_tensor(node: object) -> bool:
 
 
 def _is_quantizer(gm: fx.GraphModule, node: fx.Node) -> bool:
-    return isinstance(_module(gm, node), FakeQuantize)
+    return isinstance(fx_module(gm, node), FakeQuantize)
 
 
 def _source(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
@@ -132,7 +122,7 @@ def _reached(gm: fx.GraphModule, node: fx.Node) -> Iterator[fx.Node]:
 def _shared_quantizer(gm: fx.GraphModule, node: fx.Node) -> str | None:
     """The input quantizer of an 8-bit per-tensor quantized layer that reads ``node``."""
     for user in _reached(gm, node):
-        layer = _module(gm, user)
+        layer = fx_module(gm, user)
         if isinstance(layer, QuantizedLayer):
             spec = layer.layer_plan.activation
             if spec.bits == 8 and not spec.per_channel:
@@ -240,7 +230,7 @@ def add_quantizers(model: nn.Module) -> dict[str, FakeQuantize]:
         return {}
     out = {}
     for node in model.graph.nodes:
-        mod = _module(model, node)
+        mod = fx_module(model, node)
         if isinstance(mod, FakeQuantize):
             out[str(node.target)] = mod
     return out

@@ -19,8 +19,8 @@ from autoquant.measure import (
     load_onnx,
     ort_session,
 )
-from autoquant.measure._onnx import run_onnx
 from autoquant.measure._torch_x86 import kernel_counts, lower_to_torch_x86
+from autoquant.measure.onnx import run_onnx
 from autoquant.tasks import CifarResNet
 from autoquant.transform import apply_plan, calibration, packed_size_bytes, quantizable_names
 from autoquant.types import LayerPlan, QuantPlan, QuantSpec

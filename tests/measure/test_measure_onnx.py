@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
-from measure_models import LAYERS, calib_inputs, mixed_plan, w8a8
+from measure_models import LAYERS, calib_inputs, mixed_plan, quantized, tiny_model, w8a8
 from onnx import numpy_helper
 from torch import nn
 
@@ -21,6 +22,7 @@ from autoquant.measure import (
     fused_op_types,
     load_onnx,
     ort_session,
+    read_sidecar,
 )
 from autoquant.transform import packed_size_bytes, quantized_layers
 from autoquant.types import LayerPlan, PlanError, QuantPlan, QuantSpec
@@ -92,7 +94,9 @@ def test_sub_8_bit_weights_ship_packed_and_unpack_exactly(
     packed = {f"{n}.weight_quantized" for n in ("conv1", "conv2", "fc")}
     assert set(info.packed) == packed
     shipped = _inits(onnx.load(str(info.path)))
-    assert not packed & set(shipped)  # left out of the ONNX file
+    sidecar = read_sidecar(info.sidecar)
+    for name in packed:  # the ONNX file holds the same codes, 8 bits each
+        np.testing.assert_array_equal(shipped[name], sidecar[name].unpack())
     full = load_onnx(info.path)
     onnx.checker.check_model(full)
     inits = _inits(full)
@@ -105,10 +109,16 @@ def test_sub_8_bit_weights_ship_packed_and_unpack_exactly(
     assert inits["conv2.weight_quantized"].dtype == np.uint8
     assert np.abs(inits["conv2.weight_quantized"].astype(int) - ref).max() <= 1  # ties
     assert np.mean(inits["conv2.weight_quantized"] == ref) > 0.99
-    rows = {r["tensor"]: r for r in artifact_size_rows(info.path)}
+    rows = {(r["tensor"], r["role"]): r for r in artifact_size_rows(info.path)}
     n = layers["conv1"].weight.numel()
-    assert rows["conv1.weight_quantized"]["bytes"] == math.ceil(n * 4 / 8)
-    assert rows["conv1.weight_quantized"]["file"] == SIDECAR_NAME
+    assert rows[("conv1.weight_quantized", "weight")]["bytes"] == math.ceil(n * 4 / 8)
+    assert rows[("conv1.weight_quantized", "weight")]["file"] == SIDECAR_NAME
+    assert rows[("conv1.weight_quantized", "unpacked")] == {
+        "tensor": "conv1.weight_quantized",
+        "role": "unpacked",
+        "file": "m.onnx",
+        "bytes": n,
+    }
     # the full model runs and matches the simulation
     sess = ort_session(full, 1)
     x = torch.randn(16, 3, 8, 8)
@@ -118,12 +128,63 @@ def test_sub_8_bit_weights_ship_packed_and_unpack_exactly(
     assert np.abs(out - ref_out).max() < 0.1 * np.abs(ref_out).max()
 
 
-def test_missing_sidecar_is_a_clear_error(make_quantized: MakeQ, tmp_path: Path) -> None:
+def test_missing_sidecar_leaves_the_model_loadable_but_not_sized(
+    make_quantized: MakeQ, tmp_path: Path
+) -> None:
     plan = mixed_plan()
     info = export_onnx(make_quantized(plan), plan, tmp_path / "m.onnx", X)
     info.sidecar.unlink()
+    ort_session(load_onnx(info.path))  # complete without it
+    with pytest.raises(FileNotFoundError, match=SIDECAR_NAME):
+        artifact_weight_bytes(info.path)
+
+
+def test_exports_without_sub_8_bit_codes_in_the_onnx_file_still_load(
+    make_quantized: MakeQ, tmp_path: Path
+) -> None:
+    # Exports written before model.onnx held every weight: the codes only in the sidecar.
+    plan = mixed_plan()
+    info = export_onnx(make_quantized(plan), plan, tmp_path / "m.onnx", X)
+    complete = load_onnx(info.path)
+    old = onnx.load(str(info.path))
+    keep = [i for i in old.graph.initializer if i.name not in info.packed]
+    del old.graph.initializer[:]
+    old.graph.initializer.extend(keep)
+    onnx.save(old, str(info.path))
+    restored = load_onnx(info.path)
+    assert _inits(restored).keys() == _inits(complete).keys()
+    for name in info.packed:
+        np.testing.assert_array_equal(_inits(restored)[name], _inits(complete)[name])
+    assert artifact_weight_bytes(info.path) == info.weight_bytes
+    info.sidecar.unlink()
     with pytest.raises(FileNotFoundError, match=SIDECAR_NAME):
         load_onnx(info.path)
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_plain_onnx_runtime_runs_any_bit_width(bits: int, tmp_path: Path) -> None:
+    from measure_models import quantized, tiny_model
+
+    plan = QuantPlan.uniform(
+        LAYERS, QuantSpec(bits=bits, granularity="per_channel"), QuantSpec(bits=8, symmetric=False)
+    )
+    calib = calib_inputs()
+    q = quantized(tiny_model(), plan, calib)
+    info = export_onnx(q, plan, tmp_path / "model.onnx", X, calib_inputs=calib)
+    assert len(info.packed) == len(LAYERS)
+    plain = ort.InferenceSession(str(info.path), providers=["CPUExecutionProvider"])
+    x = calib[1]
+    out = plain.run(None, {"input": x.numpy()})[0]
+    np.testing.assert_array_equal(
+        out, ort_session(load_onnx(info.path)).run(None, {"input": x.numpy()})[0]
+    )
+    with torch.no_grad():
+        ref = q(x).numpy()
+    # Calibrated 8-bit output grids (stem, conv2) add a rounding the simulation lacks.
+    assert np.abs(out - ref).max() < 0.05 * np.abs(ref).max()
+    assert artifact_weight_bytes(info.path) == info.weight_bytes == packed_size_bytes(q, plan)
+    file_codes = sum(r["bytes"] for r in artifact_size_rows(info.path) if r["role"] == "unpacked")
+    assert file_codes == sum(layer.weight.numel() for layer in quantized_layers(q).values())
 
 
 @pytest.mark.parametrize(
@@ -154,7 +215,6 @@ def test_artifact_bytes_equal_packed_size(
 
 
 def test_float_model_export_matches_torch(tmp_path: Path) -> None:
-    from measure_models import tiny_model
 
     model = tiny_model()
     info = export_onnx(model, None, tmp_path / "f.onnx", X)
@@ -175,7 +235,6 @@ class _Twice(nn.Module):
 
 
 def test_a_layer_called_twice_is_rejected(tmp_path: Path) -> None:
-    from measure_models import quantized
 
     plan = QuantPlan.uniform(["conv"], QuantSpec(bits=8), QuantSpec(bits=8))
     q = quantized(_Twice().eval(), plan, [torch.randn(4, 3, 8, 8)])
@@ -184,14 +243,12 @@ def test_a_layer_called_twice_is_rejected(tmp_path: Path) -> None:
 
 
 def test_float_model_with_a_plan_is_rejected(tmp_path: Path) -> None:
-    from measure_models import tiny_model
 
     with pytest.raises(PlanError, match="'conv1' is not a fake-quant layer.*apply_plan"):
         export_onnx(tiny_model(), w8a8(["conv1"]), tmp_path / "m.onnx", X)
 
 
 def test_uncalibrated_model_is_rejected(tmp_path: Path) -> None:
-    from measure_models import tiny_model
 
     from autoquant.transform import apply_plan
 

@@ -13,8 +13,8 @@ from measure_models import quantized, resnet8, w8a8
 from onnx import numpy_helper
 from torch import nn
 
-from autoquant.measure import _onnx, artifact_weight_bytes, export_onnx, fused_op_types, ort_session
-from autoquant.measure._onnx import build_qdq, run_onnx
+from autoquant.measure import artifact_weight_bytes, export_onnx, fused_op_types, ort_session
+from autoquant.measure.onnx import build_qdq, run_onnx, without
 from autoquant.transform import packed_size_bytes, quantizable_names
 from autoquant.types import LayerPlan, QuantPlan, QuantSpec
 
@@ -33,15 +33,12 @@ def resnet_int8() -> tuple[nn.Module, QuantPlan]:
     return quantized(resnet8(), plan, _batches((3, 32, 32))), plan
 
 
-def test_integer_pads_and_padded_stem_change_no_output(
-    resnet_int8: tuple, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_integer_pads_and_padded_stem_change_no_output(resnet_int8: tuple) -> None:
     q, plan = resnet_int8
     x = _batches((3, 32, 32), 1)[0]
     new = build_qdq(q, plan, x[:1])
-    monkeypatch.setattr(_onnx, "_integer_pads", lambda ed: None)
-    monkeypatch.setattr(_onnx, "_stem_channels", lambda *args: 0)
-    reference = build_qdq(q, plan, x[:1])  # float zero pads, 3-channel stem
+    # float zero pads, 3-channel stem
+    reference = build_qdq(q, plan, x[:1], passes=without("integer_pads", "stem_channels"))
 
     np.testing.assert_array_equal(
         run_onnx(ort_session(new.proto), x), run_onnx(ort_session(reference.proto), x)
@@ -127,7 +124,7 @@ class _PaddedShortcut(nn.Module):
         return self.conv2(h) + nn.functional.pad(h, (0, 0, 0, 0, 0, 4))
 
 
-def test_integer_pad_fills_with_the_zero_point(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_integer_pad_fills_with_the_zero_point() -> None:
     torch.manual_seed(0)
     plan = QuantPlan({"conv1": LayerPlan(W8, A8), "conv2": LayerPlan(W8, A8)}, adds=A8)
     batches = _batches((4, 6, 6))
@@ -137,8 +134,7 @@ def test_integer_pad_fills_with_the_zero_point(monkeypatch: pytest.MonkeyPatch) 
     pad = next(n for n in new.proto.graph.node if n.op_type == "Pad")
     zp = {i.name: numpy_helper.to_array(i) for i in new.proto.graph.initializer}[pad.input[2]]
     assert zp.dtype == np.uint8 and zp != 0
-    monkeypatch.setattr(_onnx, "_integer_pads", lambda ed: None)
-    reference = build_qdq(q, plan, x[:1], calib_inputs=batches)
+    reference = build_qdq(q, plan, x[:1], calib_inputs=batches, passes=without("integer_pads"))
     np.testing.assert_array_equal(
         run_onnx(ort_session(new.proto), x), run_onnx(ort_session(reference.proto), x)
     )

@@ -19,7 +19,7 @@ from autoquant.measure import (
     graph_signature,
     int8_saturates,
 )
-from autoquant.measure._deploy import _cpu_flags
+from autoquant.measure._formats import _cpu_flags
 from autoquant.types import LayerPlan, QuantSpec
 
 X = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(2))

@@ -93,7 +93,7 @@ def test_tensor_formats() -> None:
 def test_a_new_export_revision_invalidates_cached_onnx_latencies(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from autoquant.measure import _onnx
+    from autoquant.measure import onnx as onnx_export
     from autoquant.measure._latency import latency_key
 
     def key(backend: str) -> str:
@@ -101,6 +101,6 @@ def test_a_new_export_revision_invalidates_cached_onnx_latencies(
 
     before = {b: key(b) for b in ("onnxruntime", "torch-x86")}
     assert key("onnxruntime") == before["onnxruntime"]  # deterministic
-    monkeypatch.setattr(_onnx, "EXPORT_REVISION", _onnx.EXPORT_REVISION + 1)
+    monkeypatch.setattr(onnx_export, "EXPORT_REVISION", onnx_export.EXPORT_REVISION + 1)
     assert key("onnxruntime") != before["onnxruntime"]
     assert key("torch-x86") == before["torch-x86"]

@@ -14,11 +14,13 @@ from torch import fx, nn
 from autoquant.quant import FakeQuantize
 from autoquant.tasks import CifarResNet
 from autoquant.transform import (
+    GRID_RULES,
     QuantizedLayer,
     add_quantizers,
     apply_plan,
     calibration,
     fold_batchnorm,
+    fx_rule,
     quantizable_names,
     quantize_adds,
     strip_add_quantizers,
@@ -439,3 +441,72 @@ def test_mode_dependent_model_keeps_float_adds_and_its_dropout() -> None:
     q.eval()
     with torch.no_grad():
         assert torch.equal(q(x), q(x))
+
+
+# The grid rules (one table for torch.fx and ONNX) -------------------------------------------
+_RULE_OPS = {
+    "identity": lambda x: x.contiguous(),
+    "view": lambda x: x.reshape(x.shape[0], -1),
+    "slice": lambda x: x[:, :, ::2, 1:],
+    "zero_pad": lambda x: F.pad(x, (1, 0, 0, 2)),
+    "relu": torch.relu,
+    "max_pool": lambda x: F.max_pool2d(x, 2),
+}
+
+
+@pytest.mark.parametrize("rule", [r.name for r in GRID_RULES])
+def test_every_grid_rule_commutes_with_per_tensor_fake_quant(rule: str) -> None:
+    # The property every rule claims: quantizing before or after the op gives the same values.
+    op = _RULE_OPS[rule]
+    x = torch.randn(2, 3, 6, 6) * 3
+    for scale, zp, qmin, qmax in [(0.05, 7, 0, 255), (0.1, 0, -127, 127), (0.3, 3, 0, 15)]:
+        before = torch.fake_quantize_per_tensor_affine(op(x), scale, zp, qmin, qmax)
+        after = op(torch.fake_quantize_per_tensor_affine(x, scale, zp, qmin, qmax))
+        assert torch.equal(before, after), (rule, scale, zp)
+
+
+def test_a_padding_by_another_value_or_a_sum_breaks_the_grid() -> None:
+    # The counter-cases: what the table leaves out does not commute.
+    x = torch.randn(2, 3, 6, 6) * 3
+    for op in (lambda t: F.pad(t, (1, 0, 0, 0), value=0.01), lambda t: t + 0.01):
+        before = torch.fake_quantize_per_tensor_affine(op(x), 0.05, 7, 0, 255)
+        after = op(torch.fake_quantize_per_tensor_affine(x, 0.05, 7, 0, 255))
+        assert not torch.equal(before, after)
+
+
+class _Rules(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(x).contiguous()[:, :, ::2].flatten(1)
+        return F.pad(F.max_pool2d(x, 2), (1, 1)).sum() + y.view(-1).sum()
+
+
+def test_fx_reads_the_table() -> None:
+    gm = fx.symbolic_trace(_Rules())
+    rules = [getattr(fx_rule(gm, n), "name", None) for n in gm.graph.nodes]
+    assert rules == [
+        None,  # x
+        "relu",
+        "identity",
+        "slice",
+        "view",
+        "max_pool",
+        "zero_pad",
+        None,  # sum
+        "view",
+        None,  # sum
+        None,  # add
+        None,  # output
+    ]
+
+
+def test_quantize_adds_follows_the_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    from autoquant.transform import _grid_rules
+
+    model = CifarResNet(8).eval()  # option-A shortcuts: a slice and a zero pad
+    plan = _resnet_plan(model)
+    assert not [n for n in add_quantizers(apply_plan(model, plan)) if n.endswith(".in1")]
+    # Without the slice rule, the padded shortcuts are no longer on the block input's grid.
+    kept = tuple(r for r in GRID_RULES if r.name != "slice")
+    monkeypatch.setattr(_grid_rules, "GRID_RULES", kept)
+    in1 = sorted(n for n in add_quantizers(apply_plan(model, plan)) if n.endswith(".in1"))
+    assert in1 == ["layer2.0.add.in1", "layer3.0.add.in1"]

@@ -1,0 +1,188 @@
+"""How each quantizable layer type deploys: its ONNX node and its x86 int8 module, declared once.
+
+A layer type's simulation is its fake-quant wrapper (``@register_quantizable`` in
+:mod:`autoquant.transform`); its deployment is one :func:`register_deployment` call here, which
+both backends read through :func:`deployment_of`: the ONNX export finds the layer's node by its
+op types and rewrites the declared weight and data inputs; the torch-x86 backend builds the
+declared quantized module, or simulates the layer in float when there is none. Nothing in the
+backends tests a layer's class.
+
+A new type is one declaration; e.g. an embedding, deployed weight-only as ``Gather`` on its
+dequantized weight (the plan keeps its input, token ids, float)::
+
+    register_deployment(
+        nn.Embedding,
+        onnx=[OnnxOp("Gather", weight_input=0, data_input=1, bias_input=None)],
+        integer_kernel=False,
+    )
+
+Subclasses of a registered type deploy like it (the nearest registered base class wins).
+
+Example:
+    >>> deployment_of(nn.Linear(4, 2)).onnx[0].op_type
+    'Gemm'
+    >>> deployment_of(nn.Conv2d(1, 1, 1)).x86(nn.Conv2d(1, 1, 1)).__class__.__name__
+    'Conv2d'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+_LAYOUTS = ("as_is", "transposed", "transB")
+
+
+@dataclass(frozen=True)
+class OnnxOp:
+    """One ONNX op a layer type exports to.
+
+    Attributes:
+        op_type: the node's op type.
+        weight_input: index of the weight initializer among the node's inputs.
+        data_input: index of the activation input (quantized on the layer's input grid).
+        bias_input: index of the bias, or None when the op has none (a bias then follows as
+            its own node, e.g. MatMul + Add).
+        layout: how the initializer holds the weight: ``as_is``, ``transposed`` (``W^T``,
+            e.g. a MatMul after the exporter folded the transpose) or ``transB`` (``W^T``
+            unless the Gemm's ``transB`` attribute is set).
+        float_output: ONNX Runtime's integer kernel for it may keep a float output (QGemm,
+            MatMulIntegerToFloat), so the output needs no calibrated grid.
+    """
+
+    op_type: str
+    weight_input: int = 1
+    data_input: int = 0
+    bias_input: int | None = 2
+    layout: str = "as_is"
+    float_output: bool = False
+
+    def __post_init__(self) -> None:
+        if self.layout not in _LAYOUTS:
+            raise ValueError(
+                f"layout={self.layout!r} is not allowed; allowed values: {', '.join(_LAYOUTS)}"
+            )
+
+
+@dataclass(frozen=True)
+class LayerDeployment:
+    """How one layer type deploys on both backends (see :func:`register_deployment`)."""
+
+    float_type: type[nn.Module]
+    onnx: tuple[OnnxOp, ...]
+    x86: Callable[[nn.Module], nn.Module | None] | None = None
+    integer_kernel: bool = True
+    input_rank: int | None = None
+
+    def onnx_op(self, op_type: str) -> OnnxOp | None:
+        """The declaration of ``op_type``, if this type exports to it."""
+        return next((o for o in self.onnx if o.op_type == op_type), None)
+
+
+_DEPLOYMENTS: dict[type[nn.Module], LayerDeployment] = {}
+
+
+def register_deployment(
+    float_type: type[nn.Module],
+    *,
+    onnx: Sequence[OnnxOp],
+    x86: Callable[[nn.Module], nn.Module | None] | None = None,
+    integer_kernel: bool = True,
+    input_rank: int | None = None,
+) -> LayerDeployment:
+    """Declare how ``float_type`` layers deploy (replacing an earlier declaration).
+
+    Args:
+        float_type: the float module class (what ``@register_quantizable`` wraps).
+        onnx: the ONNX ops its TorchScript export gives, e.g. a Linear exports as ``Gemm``
+            (2-D input) or ``MatMul`` + ``Add`` (other ranks).
+        x86: builds an empty ``torch.ao.nn.quantized`` module from a float layer (weights are
+            set by the backend), or returns None where x86 has no kernel for it; None: always
+            simulated in float.
+        integer_kernel: False for a weight-only type (no integer kernel whatever the plan: its
+            input must stay float; the weight is dequantized at run time).
+        input_rank: rank of the layer's input, for per-channel input bounds (default: the
+            weight's rank, as for convolutions).
+
+    Example:
+        >>> class Scale(nn.Linear):  # a subclass deploys like nn.Linear ...
+        ...     pass
+        >>> deployment_of(Scale(2, 2)).float_type is nn.Linear
+        True
+    """
+    if not (isinstance(float_type, type) and issubclass(float_type, nn.Module)):
+        raise TypeError(f"float_type must be an nn.Module subclass, got {float_type!r}")
+    ops = tuple(onnx)
+    if not ops or not all(isinstance(o, OnnxOp) for o in ops):
+        raise ValueError(f"onnx={onnx!r} is not allowed; allowed values: one or more OnnxOp")
+    dep = LayerDeployment(float_type, ops, x86, integer_kernel, input_rank)
+    _DEPLOYMENTS[float_type] = dep
+    return dep
+
+
+def unregister_deployment(float_type: type[nn.Module]) -> None:
+    """Remove ``float_type``'s declaration (tests, plug-ins)."""
+    _DEPLOYMENTS.pop(float_type, None)
+
+
+def deployment_of(module: nn.Module | type[nn.Module]) -> LayerDeployment | None:
+    """The declaration for a layer (or its class; a fake-quant wrapper counts as its float
+    type), from the nearest registered class in its MRO; None when there is none."""
+    cls = module if isinstance(module, type) else type(module)
+    cls = getattr(cls, "float_type", cls)
+    for base in cls.__mro__:
+        if base in _DEPLOYMENTS:
+            return _DEPLOYMENTS[base]
+    return None
+
+
+def deployments() -> dict[type[nn.Module], LayerDeployment]:
+    """A copy of the registry."""
+    return dict(_DEPLOYMENTS)
+
+
+# Built-in types ------------------------------------------------------------------------------
+def _x86_linear(f: nn.Module) -> nn.Module | None:
+    import torch.ao.nn.quantized as nnq
+
+    assert isinstance(f, nn.Linear)
+    return nnq.Linear(f.in_features, f.out_features, bias_=f.bias is not None)
+
+
+def _x86_conv(f: nn.Module) -> nn.Module | None:
+    import torch.ao.nn.quantized as nnq
+
+    assert isinstance(f, (nn.Conv1d, nn.Conv2d))
+    if f.padding_mode != "zeros" or isinstance(f.padding, str):
+        return None
+    cls = nnq.Conv2d if isinstance(f, nn.Conv2d) else nnq.Conv1d
+    return cls(
+        f.in_channels,
+        f.out_channels,
+        f.kernel_size,
+        stride=f.stride,
+        padding=f.padding,
+        dilation=f.dilation,
+        groups=f.groups,
+        bias=f.bias is not None,
+    )
+
+
+register_deployment(
+    nn.Linear,
+    onnx=[
+        OnnxOp("Gemm", layout="transB", float_output=True),
+        OnnxOp("MatMul", bias_input=None, layout="transposed", float_output=True),
+    ],
+    x86=_x86_linear,
+    input_rank=2,
+)
+register_deployment(nn.Conv1d, onnx=[OnnxOp("Conv")], x86=_x86_conv)
+register_deployment(nn.Conv2d, onnx=[OnnxOp("Conv")], x86=_x86_conv)
+register_deployment(
+    nn.Embedding,
+    onnx=[OnnxOp("Gather", weight_input=0, data_input=1, bias_input=None)],
+    integer_kernel=False,
+)
