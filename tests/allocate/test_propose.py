@@ -1,0 +1,123 @@
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import optuna
+import pytest
+import torch
+
+from autoquant.allocate import (
+    LatencyModel,
+    SensitivityTable,
+    SizeModel,
+    Surrogate,
+    UnitDamage,
+    UnitSpace,
+    propose,
+)
+from autoquant.space import SearchSpace, plan_from_trial
+from autoquant.tasks import DigitsCNN
+from autoquant.transform import packed_size_bytes, quantizable_layers, quantizable_names
+from autoquant.types import PlanError
+
+SPACE = SearchSpace(w_bits=(2, 4, 8), a_bits=(4, 8), w_gran=("per_channel", "per_tensor"))
+MAX_DROP = 0.01
+
+
+@pytest.fixture(scope="module")
+def setup() -> tuple:
+    model = DigitsCNN().eval()
+    units = UnitSpace(SPACE, quantizable_names(model))
+    rng = np.random.default_rng(4)
+    rows = []
+    for u in units.units:
+        bits = np.array([o["w_bits"] for o in u.weight_options], float)
+        a_bits = np.array([o["a_bits"] for o in u.activation_options], float)
+        w = rng.uniform(0.5, 1.5, u.n_weight) * 4.0 ** (-bits)  # fewer bits, more damage
+        a = rng.uniform(0.5, 1.5, u.n_activation) * 4.0 ** (-a_bits)
+        rows.append(
+            UnitDamage(u.name, u.layers, u.weight_options, u.activation_options,
+                       weight={"eval_kl": w}, activation={"eval_kl": a})
+        )  # fmt: skip
+    table = SensitivityTable(tuple(rows))
+    surrogate = Surrogate(table, units, "eval_kl", prior=0.5)
+    return model, units, surrogate, SizeModel.build(model, units)
+
+
+def _all_choices(units: UnitSpace) -> list[tuple[int, ...]]:
+    return list(itertools.product(*(range(u.n_options) for u in units.units)))
+
+
+def test_proposals_replay_and_respect_their_budgets(setup: tuple) -> None:
+    model, units, surrogate, sizes = setup
+    proposals = propose(units, surrogate, sizes, max_drop=MAX_DROP)
+    assert len(proposals) >= 5
+    assert len({p.choice for p in proposals}) == len(proposals)
+    for p in proposals:
+        replayed = plan_from_trial(optuna.trial.FixedTrial(p.params), SPACE, units.layer_names)
+        assert replayed == p.plan == units.plan(p.choice)
+        assert p.size_bytes == packed_size_bytes(model, p.plan)
+        assert p.size_ratio == pytest.approx(p.size_bytes / sizes.float_bytes)
+        assert p.prediction.drop == pytest.approx(surrogate.predict(p.plan).drop)
+        if "max_drop" in p.budget:
+            assert p.prediction.drop <= p.budget["max_drop"] + 1e-12
+        if "max_size" in p.budget:
+            assert p.size_bytes <= p.budget["max_size"]
+        assert p.record()["predicted_drop"] == p.prediction.drop
+
+
+def test_smallest_plan_at_the_limit_is_the_brute_force_optimum(setup: tuple) -> None:
+    _, units, surrogate, sizes = setup
+    proposals = propose(units, surrogate, sizes, max_drop=MAX_DROP)
+    at_limit = next(p for p in proposals if p.budget == {"max_drop": MAX_DROP})
+    feasible = [c for c in _all_choices(units) if surrogate.predict(c).drop <= MAX_DROP]
+    assert at_limit.size_bytes == min(sizes.size(c) for c in feasible)
+
+
+def test_ranking_puts_predicted_feasible_plans_first_smallest_first(setup: tuple) -> None:
+    _, units, surrogate, sizes = setup
+    proposals = propose(units, surrogate, sizes, max_drop=MAX_DROP)
+    ok = [p.prediction.drop <= MAX_DROP for p in proposals]
+    assert ok == sorted(ok, reverse=True) and any(ok) and not all(ok)
+    feasible = [p.size_bytes for p in proposals if p.prediction.drop <= MAX_DROP]
+    assert feasible == sorted(feasible)
+    rest = [p.prediction.drop for p in proposals if p.prediction.drop > MAX_DROP]
+    assert rest == sorted(rest)
+    assert len(propose(units, surrogate, sizes, max_drop=MAX_DROP, limit=2)) == 2
+
+
+def test_tried_plans_are_never_proposed_again(setup: tuple) -> None:
+    _, units, surrogate, sizes = setup
+    first = propose(units, surrogate, sizes, max_drop=MAX_DROP)
+    tried = [first[0].plan, first[1].params, first[2].choice]
+    again = propose(units, surrogate, sizes, max_drop=MAX_DROP, tried=tried)
+    assert not {p.choice for p in first[:3]} & {p.choice for p in again}
+    # the next-smallest feasible plan replaces the tried one at the limit
+    feasible = [
+        c
+        for c in _all_choices(units)
+        if surrogate.predict(c).drop <= MAX_DROP and c not in {p.choice for p in first[:3]}
+    ]
+    at_limit = next(p for p in again if p.budget == {"max_drop": MAX_DROP})
+    assert at_limit.size_bytes == min(sizes.size(c) for c in feasible)
+
+
+def test_latency_objective(setup: tuple) -> None:
+    model, units, surrogate, sizes = setup
+    with pytest.raises(PlanError, match="pass a fitted LatencyModel"):
+        propose(units, surrogate, sizes, objectives=("accuracy", "latency"), max_drop=MAX_DROP)
+    with pytest.raises(PlanError, match="objectives="):
+        propose(units, surrogate, sizes, objectives=("accuracy",))
+    macs = {i.name: i.macs for i in quantizable_layers(model, torch.zeros(1, 1, 8, 8))}
+    lat = LatencyModel(units, macs).fit([(None, 1.0), (units.plan(units.baseline_choice()), 0.4)])
+    proposals = propose(
+        units, surrogate, sizes, objectives=("accuracy", "size", "latency"),
+        max_drop=MAX_DROP, latency=lat,
+    )  # fmt: skip
+    # both objectives' plans are there, alternating (a plan found twice is listed once)
+    assert {"min-size", "min-latency"} <= {p.source for p in proposals}
+    for p in proposals:
+        assert p.latency_ms == pytest.approx(lat.predict(p.plan))
+        if "max_latency" in p.budget:
+            assert p.latency_ms <= p.budget["max_latency"] + 1e-9
