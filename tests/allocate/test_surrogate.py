@@ -89,7 +89,7 @@ def test_prediction_is_the_scaled_sum_of_unit_damages(units: UnitSpace) -> None:
 
 def test_fit_recovers_scales_from_trials(units: UnitSpace) -> None:
     table = _table(units)
-    prior = Surrogate(table, units, "eval_kl", noise=1e-4)
+    prior = Surrogate(table, units, "eval_kl", noise=1e-4, rel_noise=0.0)
     rng = np.random.default_rng(1)
 
     def truth(c: tuple[int, ...]) -> float:  # QAT recovers 80 % of the weight damage
@@ -152,3 +152,25 @@ def test_rank_correlations_closed_form() -> None:
     assert math.isnan(spearman([1, 1, 1], [1, 2, 3])) and math.isnan(kendall([1], [2]))
     with pytest.raises(ValueError, match="equal-length"):
         spearman([1, 2], [1, 2, 3])
+
+
+def test_a_collapsed_trial_does_not_set_the_scale_near_the_limit(units: UnitSpace) -> None:
+    table = _table(units)
+    s = Surrogate(table, units, "eval_kl")
+    # plans away from the table's outlier options (unit 0's first weight and input option)
+    plans = [c for c in _choices(units, 60, 4) if min(units.units[0].split(c[0])) > 0]
+    fit_on, check_on = plans[:6], plans[6:16]
+
+    def truth(c: tuple[int, ...]) -> float:  # QAT recovers 60 % of every predicted drop
+        return 0.4 * s.predict(c).drop
+
+    collapsed = (fit_on[0], 0.9)  # ... except one plan that stays at a 90-point drop
+    obs = [(c, truth(c)) for c in fit_on[1:]] + [collapsed]
+
+    def error(model: Surrogate) -> float:
+        return float(np.sqrt(np.mean([(model.predict(c).drop - truth(c)) ** 2 for c in check_on])))
+
+    weighted = s.fit(obs)
+    constant = Surrogate(table, units, "eval_kl", rel_noise=0.0).fit(obs)
+    assert error(weighted) < error(constant) / 3
+    assert weighted.scale_w == pytest.approx(0.4 * s.scale_w, rel=0.3)
