@@ -96,6 +96,7 @@ def propose(
     drop_fractions: Sequence[float] = (0.5, 1.0, 2.0),
     fixed: Mapping[str, int] | None = None,
     forbidden: Mapping[str, Sequence[int]] | None = None,
+    same_if_only: Sequence[str] = ("w_calib", "a_calib"),
     limit: int | None = None,
 ) -> list[Proposal]:
     """Ranked, distinct plans to try, none of them already tried.
@@ -107,6 +108,12 @@ def propose(
     (fastest) possible plan to the least-drop plan's size (latency). Ranking: plans predicted
     within ``max_drop`` first, smallest (fastest) first, then the rest by predicted drop;
     with both objectives the two orders alternate.
+
+    A plan that differs from a tried plan, or from a better-ranked proposal, only in the knobs
+    ``same_if_only`` counts as the same plan: the solver always picks the calibration method
+    the table scores best for given bit widths, so once a plan is tried, the next-best plan at
+    its budget is usually the same bits with the second-best calibration, a trial that teaches
+    little.
 
     Args:
         units: the units and options.
@@ -122,6 +129,8 @@ def propose(
         drop_fractions: multiples of ``max_drop`` for the dual solves.
         fixed: unit name → the only option it may take.
         forbidden: unit name → options it may not take.
+        same_if_only: knobs whose differences alone do not make a plan new (``()``: any
+            difference does).
         limit: return at most this many.
 
     Example:
@@ -152,7 +161,8 @@ def propose(
         adds=adds,
     )
     exclude = tried_choices(units, tried)
-    best = solve(problem, exclude=exclude)
+    classes = units.option_classes(same_if_only)
+    best = solve(problem, exclude=exclude, classes=classes)
     if best is None:
         return []
 
@@ -162,7 +172,9 @@ def propose(
         items: list[tuple[Allocation, str]] = []
         if max_drop is not None:
             for f in sorted(drop_fractions):
-                a = solve(problem, minimize=goal, max_drop=f * max_drop, exclude=exclude)
+                a = solve(
+                    problem, minimize=goal, max_drop=f * max_drop, exclude=exclude, classes=classes
+                )
                 if a is not None:
                     items.append((a, f"min-{goal}"))
         low = problem.extreme(goal)
@@ -171,7 +183,8 @@ def propose(
         if steps > 0 and low > 0 and high >= low:
             budgets = geometric_budgets(low, high, steps)
             kwargs = {"size_budgets" if goal == "size" else "latency_budgets": budgets}
-            items += [(a, f"{goal}-ladder") for a in ladder(problem, exclude=exclude, **kwargs)]
+            found_ladder = ladder(problem, exclude=exclude, classes=classes, **kwargs)
+            items += [(a, f"{goal}-ladder") for a in found_ladder]
         found[goal] = items
 
     def rank(goal: str) -> list[tuple[Allocation, str]]:
@@ -190,11 +203,12 @@ def propose(
     for i in range(max(len(r) for r in ranked)):
         merged += [r[i] for r in ranked if i < len(r)]
     out: list[Proposal] = []
-    seen: set[Choice] = set()
+    seen: set[tuple[int, ...]] = set()
     for a, source in merged:
-        if a.choice in seen:
+        key = tuple(classes[i][k] for i, k in enumerate(a.choice))
+        if key in seen:
             continue
-        seen.add(a.choice)
+        seen.add(key)
         plan = units.plan(a.choice, adds=adds)
         out.append(
             Proposal(

@@ -8,9 +8,15 @@ difference the surrogate can resolve. Each solution is rounded and checked exact
 budgets (sizes are integers); a budget the rounded solution exceeds is tightened and the
 problem solved again.
 
-Options that cannot be optimal are dropped first: an option is removed when more other options
-of its unit are at least as good in every quantity the problem uses than there are excluded
-choices (so the swap to a dominating option always leads to a choice that is not excluded).
+Excluded choices (plans already tried) are no-good cuts: ``Σ_u x[u, c_u] <= units - 1``. With
+option *classes* a cut covers every option of the tried one's class in each unit, so a plan
+that differs from a tried one only within classes (say, only in calibration methods) is
+excluded too.
+
+Options that cannot be optimal are dropped first: an option is removed when its unit's other
+options that are at least as good in every quantity the problem uses fall into more distinct
+classes than there are excluded choices (so one of the swaps to a dominating option always
+leads to a choice that is not excluded).
 """
 
 from __future__ import annotations
@@ -198,7 +204,9 @@ def _allocation(
     )
 
 
-def _candidates(problem: Problem, quantities: Sequence[str], n_exclude: int) -> list[np.ndarray]:
+def _candidates(
+    problem: Problem, quantities: Sequence[str], n_exclude: int, classes: Sequence[np.ndarray]
+) -> list[np.ndarray]:
     """Per unit, the option indices kept after removing provably useless ones."""
     mats = [problem.arrays(q)[0] for q in quantities]
     out = []
@@ -210,7 +218,9 @@ def _candidates(problem: Problem, quantities: Sequence[str], n_exclude: int) -> 
         order = np.arange(len(idx))
         dominates = le & (lt | (order[:, None] < order[None, :]))
         np.fill_diagonal(dominates, False)
-        out.append(idx[dominates.sum(axis=0) <= n_exclude])
+        cls = classes[i][idx]
+        n_classes = np.array([len(np.unique(cls[dominates[:, j]])) for j in range(len(idx))])
+        out.append(idx[n_classes <= n_exclude])
     return out
 
 
@@ -227,6 +237,7 @@ def solve(
     max_size: float | None = None,
     max_latency: float | None = None,
     exclude: Sequence[Sequence[int]] = (),
+    classes: Sequence[Sequence[int]] | None = None,
     time_limit: float = 60.0,
 ) -> Allocation | None:
     """The optimal choice, or None when no allowed choice meets the budgets.
@@ -239,6 +250,8 @@ def solve(
         max_size: size budget in bytes (whole model, as ``packed_size_bytes``).
         max_latency: latency budget in ms (needs a latency model).
         exclude: choices the solution must differ from (e.g. plans already tried).
+        classes: per unit, a class id per option; the solution must differ from each excluded
+            choice in the class of some unit's option (default: each option its own class).
         time_limit: HiGHS time limit in seconds.
 
     Raises:
@@ -264,8 +277,16 @@ def solve(
     excluded = [tuple(int(k) for k in c) for c in exclude]
     if any(len(c) != n_units for c in excluded):
         raise PlanError(f"every excluded choice needs one option per unit ({n_units})")
+    if classes is None:
+        cls = [np.arange(len(d)) for d in problem.drop]
+    else:
+        cls = [np.asarray(c, dtype=np.int64) for c in classes]
+        if len(cls) != n_units or any(
+            c.shape != d.shape for c, d in zip(cls, problem.drop, strict=False)
+        ):
+            raise PlanError("classes must give one class id per option of each unit")
     used = [minimize, *(q for q in limits if q != minimize)]
-    keep = _candidates(problem, used, len(excluded))
+    keep = _candidates(problem, used, len(excluded), cls)
     if any(len(k) == 0 for k in keep):
         return None
     offsets = np.cumsum([0] + [len(k) for k in keep])
@@ -295,10 +316,10 @@ def solve(
     for choice in excluded:
         r = np.zeros(n_vars)
         for i, k in enumerate(choice):
-            pos = np.flatnonzero(keep[i] == k)
+            pos = np.flatnonzero(cls[i][keep[i]] == cls[i][k])
             if len(pos) == 0:
-                break  # that option is gone: the cut holds already
-            r[offsets[i] + pos[0]] = 1.0
+                break  # no option of that class is left: the cut holds already
+            r[offsets[i] + pos] = 1.0
         else:
             a_rows.append(r)
             lower.append(-np.inf)
@@ -364,6 +385,7 @@ def ladder(
     size_budgets: Sequence[float] = (),
     latency_budgets: Sequence[float] = (),
     exclude: Sequence[Sequence[int]] = (),
+    classes: Sequence[Sequence[int]] | None = None,
 ) -> list[Allocation]:
     """The least-drop plan at each size budget, then at each latency budget: distinct plans
     (a plan found again at a larger budget is dropped), each list in budget order. Infeasible
@@ -378,7 +400,7 @@ def ladder(
     seen: set[Choice] = set()
     for key, budgets in (("max_size", size_budgets), ("max_latency", latency_budgets)):
         for b in sorted(float(v) for v in budgets):
-            a = solve(problem, exclude=exclude, **{key: b})
+            a = solve(problem, exclude=exclude, classes=classes, **{key: b})
             if a is not None and a.choice not in seen:
                 seen.add(a.choice)
                 out.append(a)

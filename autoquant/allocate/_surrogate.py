@@ -183,6 +183,14 @@ class Surrogate:
             std = math.sqrt(max(float(f @ self.cov @ f), 0.0) + noise**2)
         return Prediction(drop=drop, std=std, weight_damage=dw, activation_damage=da)
 
+    def prob_within(
+        self, x: QuantPlan | Sequence[int], max_drop: float, adds: str | None = None
+    ) -> float:
+        """Probability that the measured drop is at most ``max_drop`` (Gaussian prediction):
+        e.g. to skip or prune a sampled plan that is almost surely infeasible."""
+        p = self.predict(x, adds)
+        return float(stats.norm.cdf((max_drop - p.drop) / p.std))
+
     def _params(self) -> np.ndarray:
         return np.array([self.scale_w, self.scale_a, self.bias])
 

@@ -206,6 +206,28 @@ class UnitSpace:
         """A plan that quantizes only ``unit``'s layers (the rest float, float adds)."""
         return QuantPlan({layer: layer_plan for layer in self.units[unit].layers})
 
+    def option_classes(self, ignore: Sequence[str] = ()) -> list[list[int]]:
+        """Per unit, a class id per option: options whose knobs agree except for ``ignore``
+        (e.g. ``("w_calib", "a_calib")``) share a class.
+
+        Example:
+            >>> units = UnitSpace(SearchSpace(w_bits=(4, 8), a_calib=("minmax", "mse")), ["fc"])
+            >>> units.option_classes(["a_calib"])
+            [[0, 0, 1, 1]]
+        """
+        bad = sorted(set(ignore) - set(KNOBS))
+        if bad:
+            raise PlanError(f"unknown knob(s) {bad}; allowed values: {list(KNOBS)}")
+        out = []
+        for u in self.units:
+            ids: dict[tuple[Any, ...], int] = {}
+            keys = [
+                tuple(v for k, v in u.knobs(o).items() if k not in ignore)
+                for o in range(u.n_options)
+            ]
+            out.append([ids.setdefault(key, len(ids)) for key in keys])
+        return out
+
     # -- choice <-> parameters <-> plan -----------------------------------------------
 
     def check(self, choice: Sequence[int] | Mapping[str, int]) -> Choice:

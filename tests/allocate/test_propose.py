@@ -121,3 +121,37 @@ def test_latency_objective(setup: tuple) -> None:
         assert p.latency_ms == pytest.approx(lat.predict(p.plan))
         if "max_latency" in p.budget:
             assert p.latency_ms <= p.budget["max_latency"] + 1e-9
+
+
+def test_plans_that_differ_only_in_calibration_count_as_tried() -> None:
+    model = DigitsCNN().eval()
+    space = SearchSpace(w_bits=(2, 4, 8), a_bits=(4, 8), a_calib=("minmax", "mse"))
+    units = UnitSpace(space, quantizable_names(model))
+    rng = np.random.default_rng(9)
+    rows = []
+    for u in units.units:
+        w = rng.uniform(0.5, 1.5, u.n_weight) * 4.0 ** -np.array(
+            [o["w_bits"] for o in u.weight_options], float
+        )
+        a = np.array(
+            [4.0 ** -o["a_bits"] * (1.1 if o["a_calib"] == "mse" else 1.0)
+             for o in u.activation_options]
+        )  # fmt: skip
+        rows.append(
+            UnitDamage(u.name, u.layers, u.weight_options, u.activation_options,
+                       weight={"eval_kl": w}, activation={"eval_kl": a})
+        )  # fmt: skip
+    surrogate = Surrogate(SensitivityTable(tuple(rows)), units, "eval_kl", prior=0.5)
+    sizes = SizeModel.build(model, units)
+    classes = units.option_classes(["w_calib", "a_calib"])
+
+    def key(choice: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(classes[i][k] for i, k in enumerate(choice))
+
+    first = propose(units, surrogate, sizes, max_drop=MAX_DROP)
+    assert len({key(p.choice) for p in first}) == len(first)  # no calibration-only twins
+    tried = [p.plan for p in first[:4]]
+    again = propose(units, surrogate, sizes, max_drop=MAX_DROP, tried=tried)
+    assert not {key(p.choice) for p in first[:4]} & {key(p.choice) for p in again}
+    loose = propose(units, surrogate, sizes, max_drop=MAX_DROP, tried=tried, same_if_only=())
+    assert {key(p.choice) for p in first[:4]} & {key(p.choice) for p in loose}

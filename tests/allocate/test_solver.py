@@ -32,22 +32,32 @@ def _problem(seed: int, latency: bool = True, masks: bool = False) -> Problem:
 
 
 def _brute(
-    p: Problem, minimize: str, bounds: dict[str, float], exclude: list[tuple[int, ...]] = ()
+    p: Problem,
+    minimize: str,
+    bounds: dict[str, float],
+    exclude: list[tuple[int, ...]] = (),
+    classes: list[np.ndarray] | None = None,
 ) -> tuple[float, list[tuple[int, ...]]]:
     """Optimal value and the feasible choices, by enumeration."""
     options = [np.flatnonzero(a) for a in p.allowed]
+    cls = classes or [np.arange(len(d)) for d in p.drop]
+
+    def excluded(c: tuple[int, ...]) -> bool:
+        return any(all(k[c[u]] == k[t[u]] for u, k in enumerate(cls)) for t in exclude)
+
     feasible = [
         c
         for c in itertools.product(*options)
-        if all(p.value(c, q) <= b + 1e-12 for q, b in bounds.items()) and c not in exclude
+        if all(p.value(c, q) <= b + 1e-12 for q, b in bounds.items()) and not excluded(c)
     ]
     best = min((p.value(c, minimize) for c in feasible), default=None)
     return best, feasible
 
 
-def _check(p: Problem, minimize: str, bounds: dict[str, float], exclude=()) -> bool:
-    best, feasible = _brute(p, minimize, bounds, list(exclude))
-    got = solve(p, minimize=minimize, exclude=exclude, **{f"max_{q}": b for q, b in bounds.items()})
+def _check(p: Problem, minimize: str, bounds: dict[str, float], exclude=(), classes=None) -> bool:
+    best, feasible = _brute(p, minimize, bounds, list(exclude), classes)
+    limits = {f"max_{q}": b for q, b in bounds.items()}
+    got = solve(p, minimize=minimize, exclude=exclude, classes=classes, **limits)
     if best is None:
         assert got is None
         return False
@@ -99,6 +109,29 @@ def test_excluded_choices_give_the_next_best(seed: int) -> None:
         _check(p, "drop", budget, exclude)
 
 
+@pytest.mark.parametrize("seed", range(15))
+def test_excluded_classes_exclude_every_plan_that_differs_only_within_classes(seed: int) -> None:
+    p = _problem(seed, latency=False)
+    classes = [np.arange(len(d)) // 2 for d in p.drop]  # options 0-1, 2-3, 4 share a class
+    budget = {"size": float(p.extreme("size", best=False))}
+    exclude: list[tuple[int, ...]] = []
+    for _ in range(4):
+        a = solve(p, max_size=budget["size"], exclude=exclude, classes=classes)
+        if a is None:
+            break
+        exclude.append(a.choice)
+        _check(p, "drop", budget, exclude, classes)
+
+
+def test_a_dominated_option_survives_when_its_dominators_share_an_excluded_class() -> None:
+    # option 2 is worse than options 0 and 1, which form one class; excluding that class
+    # leaves option 2 as the only answer
+    p = Problem(drop=([0.0, 0.0, 0.5], [0.0]), size=([1, 1, 1], [1]))
+    classes = [[0, 0, 1], [0]]
+    assert solve(p, exclude=[(0, 0)], classes=classes).choice == (2, 0)
+    assert solve(p, exclude=[(0, 0)]).choice == (1, 0)
+
+
 def test_infeasible_and_bad_arguments() -> None:
     p = Problem(drop=([0.0, 0.1], [0.0, 0.2]), size=([8, 2], [8, 2]), size_constant=1)
     assert solve(p, max_size=4) is None  # smallest plan: 1 + 2 + 2 = 5
@@ -114,6 +147,8 @@ def test_infeasible_and_bad_arguments() -> None:
         solve(p, max_size=float("nan"))
     with pytest.raises(PlanError, match="one option per unit"):
         solve(p, exclude=[(0,)])
+    with pytest.raises(PlanError, match="one class id per option"):
+        solve(p, classes=[[0, 1]])
     with pytest.raises(PlanError, match="one entry per option"):
         Problem(drop=([0.0, 0.1],), size=([1, 2, 3],))
 

@@ -131,6 +131,15 @@ def test_few_trials_stay_well_posed_and_an_unexercised_source_keeps_its_prior(
     assert negative.scale_w >= 0 and negative.scale_a >= 0
 
 
+def test_probability_within_the_limit(units: UnitSpace) -> None:
+    s = Surrogate(_table(units), units, "eval_kl")
+    c = _choices(units, 1, 7)[0]
+    p = s.predict(c)
+    assert s.prob_within(c, p.drop) == pytest.approx(0.5)
+    assert s.prob_within(c, p.drop + p.std) == pytest.approx(0.8413, abs=1e-4)  # Φ(1)
+    assert s.prob_within(c, p.drop - 3 * p.std) < 0.002
+
+
 def test_fit_rejects_bad_observations(units: UnitSpace) -> None:
     s = Surrogate(_table(units), units)
     with pytest.raises(ValueError, match="finite"):

@@ -112,3 +112,17 @@ def test_bad_choices_and_missing_parameters_are_named() -> None:
         UnitSpace(SearchSpace(), LAYERS).plan((0,) * 5, adds="fp32")
     with pytest.raises(PlanError, match="conv1/a_bits' is missing"):
         units.choice_of_params({"conv1/w_bits": 2})  # conv1/a_bits and more are missing
+
+
+def test_option_classes_ignore_the_named_knobs() -> None:
+    units = UnitSpace(SPACE, LAYERS)
+    classes = units.option_classes(["a_calib", "w_calib"])
+    for u, cls in zip(units.units, classes, strict=True):
+        for k in range(u.n_options):
+            for j in range(u.n_options):
+                a, b = u.knobs(k), u.knobs(j)
+                same = all(a[n] == b[n] for n in a if n not in ("a_calib", "w_calib"))
+                assert (cls[k] == cls[j]) is same
+    assert units.option_classes()[0] == list(range(units.units[0].n_options))
+    with pytest.raises(PlanError, match="unknown knob"):
+        units.option_classes(["calib"])
