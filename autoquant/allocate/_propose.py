@@ -113,7 +113,8 @@ def propose(
     ``same_if_only`` counts as the same plan: the solver always picks the calibration method
     the table scores best for given bit widths, so once a plan is tried, the next-best plan at
     its budget is usually the same bits with the second-best calibration, a trial that teaches
-    little.
+    little. For the same reason no proposal is predicted-dominated by a tried plan (one that is
+    no larger, no slower where latency is an objective, and predicted no worse).
 
     Args:
         units: the units and options.
@@ -204,9 +205,18 @@ def propose(
         merged += [r[i] for r in ranked if i < len(r)]
     out: list[Proposal] = []
     seen: set[tuple[int, ...]] = set()
+    quantities = ["drop", *goals]
+    tried_values = [[problem.value(t, q) for q in quantities] for t in exclude]
+
+    def dominated(choice: Choice) -> bool:
+        mine = [problem.value(choice, q) for q in quantities]
+        return any(
+            all(t <= m + 1e-12 for t, m in zip(tv, mine, strict=True)) for tv in tried_values
+        )
+
     for a, source in merged:
         key = tuple(classes[i][k] for i, k in enumerate(a.choice))
-        if key in seen:
+        if key in seen or dominated(a.choice):
             continue
         seen.add(key)
         plan = units.plan(a.choice, adds=adds)

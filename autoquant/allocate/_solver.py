@@ -238,9 +238,14 @@ def solve(
     max_latency: float | None = None,
     exclude: Sequence[Sequence[int]] = (),
     classes: Sequence[Sequence[int]] | None = None,
+    tie_break: str | None = "auto",
     time_limit: float = 60.0,
 ) -> Allocation | None:
     """The optimal choice, or None when no allowed choice meets the budgets.
+
+    Ties are broken exactly by a second solve: among the optimal choices, the one with the
+    least ``tie_break`` quantity (``"auto"``: the predicted drop for the duals, the size when
+    minimising the drop; ``None``: any optimal choice).
 
     Args:
         problem: the :class:`Problem`.
@@ -252,6 +257,7 @@ def solve(
         exclude: choices the solution must differ from (e.g. plans already tried).
         classes: per unit, a class id per option; the solution must differ from each excluded
             choice in the class of some unit's option (default: each option its own class).
+        tie_break: the quantity that decides between optimal choices (see above).
         time_limit: HiGHS time limit in seconds.
 
     Raises:
@@ -268,6 +274,10 @@ def solve(
     """
     if minimize not in QUANTITIES:
         raise PlanError(f"minimize={minimize!r}; allowed values: {QUANTITIES}")
+    if tie_break == "auto":
+        tie_break = "size" if minimize == "drop" else "drop"
+    if tie_break is not None and tie_break not in QUANTITIES:
+        raise PlanError(f"tie_break={tie_break!r}; allowed values: {QUANTITIES}, 'auto', None")
     bounds = {"drop": max_drop, "size": max_size, "latency": max_latency}
     for name, value in bounds.items():
         _check_bound(f"max_{name}", value)
@@ -359,7 +369,25 @@ def solve(
                 rhs[q] -= (value - limit) / coef_scale + 1e-9
                 violated = True
         if not violated:
-            return _allocation(problem, choice, minimize, budget)
+            first = _allocation(problem, choice, minimize, budget)
+            if tie_break is None or tie_break == minimize:
+                return first
+            best = problem.value(choice, minimize)
+            if minimize != "size":  # float optimum: the second solve may not beat it by noise
+                best += 1e-9 * max(abs(best), 1.0)
+            tied = {**{f"max_{q}": v for q, v in limits.items()}, f"max_{minimize}": best}
+            second = solve(
+                problem,
+                minimize=tie_break,
+                exclude=excluded,
+                classes=classes,
+                tie_break=None,
+                time_limit=time_limit,
+                **tied,
+            )
+            if second is None:  # pragma: no cover - the first solution is feasible there
+                return first
+            return _allocation(problem, second.choice, minimize, budget)
     raise RuntimeError("the allocation solver kept violating a budget after tightening it")
 
 

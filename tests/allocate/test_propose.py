@@ -70,9 +70,9 @@ def test_proposals_replay_and_respect_their_budgets(setup: tuple) -> None:
 def test_smallest_plan_at_the_limit_is_the_brute_force_optimum(setup: tuple) -> None:
     _, units, surrogate, sizes = setup
     proposals = propose(units, surrogate, sizes, max_drop=MAX_DROP)
-    at_limit = next(p for p in proposals if p.budget == {"max_drop": MAX_DROP})
+    at_limit = [p.size_bytes for p in proposals if p.budget.get("max_drop", 1.0) <= MAX_DROP]
     feasible = [c for c in _all_choices(units) if surrogate.predict(c).drop <= MAX_DROP]
-    assert at_limit.size_bytes == min(sizes.size(c) for c in feasible)
+    assert min(at_limit) == min(sizes.size(c) for c in feasible)
 
 
 def test_ranking_puts_predicted_feasible_plans_first_smallest_first(setup: tuple) -> None:
@@ -91,16 +91,29 @@ def test_tried_plans_are_never_proposed_again(setup: tuple) -> None:
     _, units, surrogate, sizes = setup
     first = propose(units, surrogate, sizes, max_drop=MAX_DROP)
     tried = [first[0].plan, first[1].params, first[2].choice]
+    done = {p.choice for p in first[:3]}
     again = propose(units, surrogate, sizes, max_drop=MAX_DROP, tried=tried)
-    assert not {p.choice for p in first[:3]} & {p.choice for p in again}
-    # the next-smallest feasible plan replaces the tried one at the limit
+    assert again and not done & {p.choice for p in again}
+
+    def dominated(c: tuple[int, ...]) -> bool:  # by a tried plan: no larger, predicted no worse
+        return any(
+            sizes.size(t) <= sizes.size(c)
+            and surrogate.predict(t).drop <= surrogate.predict(c).drop
+            for t in done
+        )
+
+    assert not any(dominated(p.choice) for p in again)
+    # at the limit: the smallest untried feasible plan, unless a tried plan dominates it
     feasible = [
-        c
-        for c in _all_choices(units)
-        if surrogate.predict(c).drop <= MAX_DROP and c not in {p.choice for p in first[:3]}
+        c for c in _all_choices(units) if surrogate.predict(c).drop <= MAX_DROP and c not in done
     ]
-    at_limit = next(p for p in again if p.budget == {"max_drop": MAX_DROP})
-    assert at_limit.size_bytes == min(sizes.size(c) for c in feasible)
+    best = min(sizes.size(c) for c in feasible)
+    # (a solve at a tighter limit may have found the same plan first: it is listed once)
+    at_limit = [p.size_bytes for p in again if p.budget.get("max_drop", 1.0) <= MAX_DROP]
+    if at_limit:
+        assert min(at_limit) == best
+    else:
+        assert all(dominated(c) for c in feasible if sizes.size(c) == best)
 
 
 def test_latency_objective(setup: tuple) -> None:
@@ -150,8 +163,13 @@ def test_plans_that_differ_only_in_calibration_count_as_tried() -> None:
 
     first = propose(units, surrogate, sizes, max_drop=MAX_DROP)
     assert len({key(p.choice) for p in first}) == len(first)  # no calibration-only twins
-    tried = [p.plan for p in first[:4]]
+    # tried: the first plans with every input calibrated by mse instead (predicted worse)
+    tried = []
+    for p in first[:4]:
+        params = dict(p.params)
+        params.update({k: "mse" for k in params if k.endswith("/a_calib")})
+        tried.append(params)
     again = propose(units, surrogate, sizes, max_drop=MAX_DROP, tried=tried)
     assert not {key(p.choice) for p in first[:4]} & {key(p.choice) for p in again}
     loose = propose(units, surrogate, sizes, max_drop=MAX_DROP, tried=tried, same_if_only=())
-    assert {key(p.choice) for p in first[:4]} & {key(p.choice) for p in loose}
+    assert {p.choice for p in first[:4]} <= {p.choice for p in loose}  # minmax twins are new

@@ -65,6 +65,10 @@ def _check(p: Problem, minimize: str, bounds: dict[str, float], exclude=(), clas
     c = got.choice
     assert c in feasible  # within every budget, allowed, not excluded
     assert p.value(c, minimize) == pytest.approx(best, abs=1e-9)
+    # ties go to the least drop (duals) or the smallest plan (least drop)
+    tie = "size" if minimize == "drop" else "drop"
+    optimal = [f for f in feasible if p.value(f, minimize) <= best + 1e-9]
+    assert p.value(c, tie) == pytest.approx(min(p.value(f, tie) for f in optimal), abs=1e-9)
     assert got.size_bytes == p.value(c, "size")
     assert got.predicted_drop == pytest.approx(p.value(c, "drop"))
     return True
