@@ -46,6 +46,7 @@ class PartialRunner:
         units: the layer names of each unit.
 
     Example:
+        >>> import torch
         >>> net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
         >>> runner = PartialRunner(net, [("0",), ("2",)])
         >>> x = torch.randn(3, 4)

@@ -268,7 +268,7 @@ def solve(
         >>> p = Problem(drop=([0.0, 0.1, 0.5], [0.0, 0.2]), size=([8, 4, 2], [8, 2]))
         >>> a = solve(p, max_size=10)
         >>> a.choice, a.size_bytes, round(a.predicted_drop, 3)
-        ((1, 1), 6, 0.3)
+        ((0, 1), 10, 0.2)
         >>> solve(p, max_size=3) is None
         True
     """
@@ -395,7 +395,7 @@ def geometric_budgets(low: float, high: float, n: int) -> list[float]:
     """``n`` budgets spaced geometrically from ``low`` to ``high`` (both included).
 
     Example:
-        >>> geometric_budgets(100, 400, 3)
+        >>> [round(b, 6) for b in geometric_budgets(100, 400, 3)]
         [100.0, 200.0, 400.0]
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
