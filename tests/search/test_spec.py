@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -198,3 +199,15 @@ def test_a_spec_built_in_python_or_replaced_is_checked_too(
         url = storage_url(replace(spec, name=name))
         db = Path(url.removeprefix("sqlite:///"))
         assert db.parent.parent == runs_dir().resolve() and db.parent.name == name
+
+
+@pytest.mark.parametrize("name", ["digits", "mnist_lenet5", "cifar10_resnet20"])
+def test_shipped_study_comments_do_not_claim_tie_groups_they_lack(name: str) -> None:
+    path = ROOT / "studies" / f"{name}.toml"
+    comments = " ".join(
+        line for line in path.read_text(encoding="utf-8").splitlines() if line.startswith("#")
+    )
+    claims_sharing = (
+        bool(re.search(r"\bshares? one\b", comments)) and "no tie group" not in comments
+    )
+    assert not claims_sharing or load_study_spec(path).space.tie, comments
