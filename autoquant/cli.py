@@ -5,6 +5,10 @@ budget because too many trials of this run failed (``best``: no trial qualifies)
 input (study file, arguments, unknown study or trial, output folder); 3 reserved for
 infrastructure errors (a storage or disk that fails under us); 4 an export was written but
 its deployed model failed its check; 130 interrupted (Ctrl-C or SIGTERM).
+
+One module of about 500 lines on purpose: the command's whole surface (the commands, the
+argument types that validate each value, the exit codes) reads in one place, while the work
+is done in :mod:`autoquant.search` and :mod:`autoquant.report`.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ Stored values (plan summaries, fail reasons, names) are escaped in both files: n
 string is ever passed on as HTML. The folder is written atomically (see
 :func:`autoquant.search.output_folder`); ``force`` replaces a previous report, never other
 files.
+
+About 500 lines: the HTML and the Markdown renderers sit side by side, so that the two
+reports stay in step.
 """
 
 from __future__ import annotations

@@ -14,17 +14,19 @@ from __future__ import annotations
 from autoquant.search._baselines import BASELINES, enqueue_baselines
 from autoquant.search._context import SearchContext, TrialResult, replay
 from autoquant.search._export import (
-    EXPORT_FILES,
     MISMATCH_TOLERANCE,
     DeploymentCheck,
-    OutputFolderError,
     bench_trial_latency,
-    check_output_folder,
     deployed_accuracy,
     deployed_check_text,
     export_trial,
-    output_folder,
     verify_deployment,
+)
+from autoquant.search._folders import (
+    EXPORT_FILES,
+    OutputFolderError,
+    check_output_folder,
+    output_folder,
 )
 from autoquant.search._locks import OptunaAttrStore
 from autoquant.search._objectives import OBJECTIVES, Objective

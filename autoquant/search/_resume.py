@@ -105,14 +105,38 @@ def _names(names: Sequence[str]) -> str:
     return ", ".join(names[:_SHOWN]) + more
 
 
+def _parameter_line(
+    before: Mapping[str, BaseDistribution], after: Mapping[str, BaseDistribution]
+) -> str:
+    changed = [n for n in before if n in after and before[n] != after[n]]
+    parts = []
+    if changed:
+        shown = "; ".join(f"{n}: {_text(before[n])} -> {_text(after[n])}" for n in changed[:_SHOWN])
+        more = f"; and {len(changed) - _SHOWN} more" if len(changed) > _SHOWN else ""
+        parts.append(f"{len(changed)} changed ({shown}{more})")
+    for label, names in (
+        ("added", [n for n in after if n not in before]),
+        ("removed", [n for n in before if n not in after]),
+    ):
+        if names:
+            parts.append(f"{len(names)} {label} ({_names(names)})")
+    return "parameters: " + ", ".join(parts)
+
+
 def space_changes(
     old_space: Mapping[str, Any],
     old_layers: Sequence[str],
     new_space: SearchSpace,
     new_layers: Sequence[str],
+    *,
+    recorded: Mapping[str, BaseDistribution] | None = None,
 ) -> list[str]:
     """What differs between a stored space (``SearchSpace.to_dict()``) and a new one, one
     line each; empty when both give the same parameters with the same distributions.
+
+    A stored space this version cannot read (written by another version) is compared
+    through ``recorded``, the distributions its trials recorded (nothing to compare: no
+    change).
 
     Example:
         >>> old = SearchSpace(w_bits=(2, 4, 8)).to_dict()
@@ -121,12 +145,14 @@ def space_changes(
         space.w_bits: [2, 4, 8] -> [4, 8]
         parameters: 1 changed (fc/w_bits: choices [2, 4, 8] -> choices [4, 8])
     """
+    after = param_distributions(new_space, new_layers)
     try:
         old = SearchSpace.from_dict(dict(old_space))
-    except (PlanError, TypeError) as e:  # written by another autoquant version
-        return [f"the stored space cannot be read by this autoquant ({e})"]
+    except (PlanError, TypeError):
+        if not recorded or dict(recorded) == after:
+            return []
+        return [_parameter_line(recorded, after)]
     before = param_distributions(old, old_layers)
-    after = param_distributions(new_space, new_layers)
     if before == after:
         return []
     lines = []
@@ -141,20 +167,7 @@ def space_changes(
             f"the model's layers: {len(added)} added ({_names(added)}), {len(removed)} "
             f"removed ({_names(removed)})"
         )
-    changed = [n for n in before if n in after and before[n] != after[n]]
-    parts = []
-    if changed:
-        shown = "; ".join(f"{n}: {_text(before[n])} -> {_text(after[n])}" for n in changed[:_SHOWN])
-        more = f"; and {len(changed) - _SHOWN} more" if len(changed) > _SHOWN else ""
-        parts.append(f"{len(changed)} changed ({shown}{more})")
-    for label, names in (
-        ("added", [n for n in after if n not in before]),
-        ("removed", [n for n in before if n not in after]),
-    ):
-        if names:
-            parts.append(f"{len(names)} {label} ({_names(names)})")
-    lines.append("parameters: " + ", ".join(parts))
-    return lines
+    return [*lines, _parameter_line(before, after)]
 
 
 def check_space_unchanged(study: optuna.Study, ctx: SearchContext) -> None:
@@ -171,7 +184,9 @@ def check_space_unchanged(study: optuna.Study, ctx: SearchContext) -> None:
         return
     spec = ctx.spec
     old_layers = record.layer_names or ctx.layer_names
-    lines = space_changes(stored, old_layers, spec.space, ctx.layer_names)
+    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
+    recorded = {n: d for t in finished for n, d in t.distributions.items()}
+    lines = space_changes(stored, old_layers, spec.space, ctx.layer_names, recorded=recorded)
     if not lines:
         return
     where = spec.source or spec.name

@@ -172,3 +172,13 @@ def test_space_changes_name_what_changed() -> None:
     assert lines[0] == "space.a_bits: [8] -> [6, 8]"
     assert lines[1] == "the model's layers: 1 added (x), 0 removed ()"
     assert lines[2] == ("parameters: 4 added (fc1/a_bits, fc2/a_bits, x/w_bits, x/a_bits)")
+
+
+def test_a_stored_space_from_another_version_is_compared_through_the_trials() -> None:
+    unreadable = {**SearchSpace(w_bits=(4, 8)).to_dict(), "w_bitz": [4]}
+    recorded = param_distributions(SearchSpace(w_bits=(4, 8)), LAYERS)
+    same, other = SearchSpace(w_bits=(4, 8)), SearchSpace(w_bits=(2, 8))
+    assert space_changes(unreadable, LAYERS, same, LAYERS, recorded=recorded) == []
+    assert space_changes(unreadable, LAYERS, other, LAYERS, recorded={}) == []
+    (line,) = space_changes(unreadable, LAYERS, other, LAYERS, recorded=recorded)
+    assert line.startswith("parameters: 2 changed (fc1/w_bits: choices [4, 8] -> choices [2, 8]")
