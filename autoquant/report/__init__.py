@@ -16,10 +16,14 @@ from autoquant.report._plots import (
     pareto_figures,
     report_figures,
 )
-from autoquant.report._report import write_report
+from autoquant.report._report import report_file, write_report
 from autoquant.report._select import (
+    DEFAULT_TOLERANCE,
+    BestChoice,
+    best_choice,
     best_payload,
     best_trial,
+    deployed_warning,
     export_command,
     format_best,
     most_accurate_within_size,
@@ -29,21 +33,28 @@ from autoquant.report._select import (
 from autoquant.report._tables import (
     FORMATS,
     failed_frame,
+    float_baseline_or_none,
     format_frame,
     format_table,
     front_frame,
+    points_text,
     sensitivity_frame,
     trials_frame,
 )
 
 __all__ = [
+    "DEFAULT_TOLERANCE",
     "FIGURES",
     "FORMATS",
+    "BestChoice",
+    "best_choice",
     "best_payload",
     "best_trial",
+    "deployed_warning",
     "bitmap_figure",
     "export_command",
     "failed_frame",
+    "float_baseline_or_none",
     "format_best",
     "format_frame",
     "format_table",
@@ -53,8 +64,10 @@ __all__ = [
     "most_accurate_within_size",
     "pareto_figures",
     "plan_frame",
+    "points_text",
     "recommendations",
     "report_figures",
+    "report_file",
     "sensitivity_frame",
     "study_facts",
     "trials_frame",

@@ -9,7 +9,7 @@ from optuna.trial import TrialState
 
 from autoquant.measure import machine_info
 from autoquant.report._tables import points_text
-from autoquant.search import read_float_baseline, read_study_record
+from autoquant.search import read_study_record
 
 
 def _fmt_seconds(s: float) -> str:
@@ -71,7 +71,7 @@ def study_facts(study: optuna.Study) -> list[tuple[str, str]]:
     """
     record = read_study_record(study)
     spec: dict[str, Any] = record.spec or {}
-    fb = read_float_baseline(study)
+    fb = record.float_baseline
     qat = spec.get("qat", {})
     lat = spec.get("latency", {})
     machine = record.machine
@@ -86,8 +86,12 @@ def study_facts(study: optuna.Study) -> list[tuple[str, str]]:
         ("task", str(spec.get("task", "?"))),
         (
             "float model",
-            f"top-1 {100 * fb.accuracy:.2f} %, {fb.size_bytes / 1024:.1f} KB "
-            f"({fb.size_bytes} B), latency {fb.latency_ms:.4g} ms"
+            (
+                f"top-1 {100 * fb.accuracy:.2f} %, {fb.size_bytes / 1024:.1f} KB "
+                f"({fb.size_bytes} B), latency {fb.latency_ms:.4g} ms"
+                if fb is not None
+                else "not measured yet (no search got past its start)"
+            )
             + (f", {n_layers} quantizable layers" if n_layers else ""),
         ),
         (
@@ -135,5 +139,6 @@ def study_facts(study: optuna.Study) -> list[tuple[str, str]]:
             else "n/a",
         ),
         ("created", str(record.created or "?")),
+        *([("forked from", f"study {record.forked_from}")] if record.forked_from else []),
     ]
     return rows

@@ -1,4 +1,13 @@
-"""The study report: a self-contained ``report.html``, ``report.md`` and CSV tables."""
+"""The study report: a self-contained ``report.html``, ``report.md`` and CSV tables.
+
+Stored values (plan summaries, fail reasons, names) are escaped in both files: no stored
+string is ever passed on as HTML. The folder is written atomically (see
+:func:`autoquant.search.output_folder`); ``force`` replaces a previous report, never other
+files.
+
+About 500 lines: the HTML and the Markdown renderers sit side by side, so that the two
+reports stay in step.
+"""
 
 from __future__ import annotations
 
@@ -15,16 +24,23 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from autoquant.report._info import study_facts
-from autoquant.report._plots import report_figures
-from autoquant.report._select import recommendations
+from autoquant.report._info import counts, study_facts
+from autoquant.report._plots import FIGURES, report_figures
+from autoquant.report._select import DEFAULT_TOLERANCE, deployed_warning, recommendations
 from autoquant.report._tables import (
+    float_baseline_or_none,
     front_frame,
     points_text,
     sensitivity_frame,
     trials_frame,
 )
-from autoquant.search import read_record, read_study_record
+from autoquant.search import (
+    mask_password,
+    output_folder,
+    read_deployed_checks,
+    read_record,
+    read_study_record,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -86,18 +102,27 @@ def _png_img(fig: Figure) -> str:
 # -- small formatting helpers -----------------------------------------------------------
 
 
-def _num(v: Any, fmt: str) -> str:
+def _num(v: Any, fmt: str, scale: float = 1.0) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return ""
-    return format(v, fmt)
+    return format(scale * v, fmt)
+
+
+REPORT_FILES = frozenset({"report.html", "report.md", "trials.csv", "front.csv"})
+
+
+def report_file(rel: str) -> bool:
+    """Whether a path (relative, POSIX) is one :func:`write_report` writes: what
+    ``--force`` may replace."""
+    return rel in REPORT_FILES or rel in {f"plots/{name}.png" for name in FIGURES}
 
 
 def _front_display(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(
         {
             "trial": df["trial"],
-            "accuracy (%)": [_num(100 * v, ".2f") for v in df["accuracy"]],
-            "drop (points)": [_num(100 * v, "+.2f") for v in df["drop"]],
+            "accuracy (%)": [_num(v, ".2f", 100) for v in df["accuracy"]],
+            "drop (points)": [_num(v, "+.2f", 100) for v in df["drop"]],
             "size (KB)": [_num(v, ".2f") for v in df["size_kb"]],
             "size (B)": df["size_bytes"],
             "size / float": [_num(v, ".3f") for v in df["size_ratio"]],
@@ -106,6 +131,7 @@ def _front_display(df: pd.DataFrame) -> pd.DataFrame:
             "speed-up": [_num(v, ".2f") and _num(v, ".2f") + "×" for v in df["speedup"]],
             "baseline": df["baseline"],
             "per-layer plan": df["plan"],
+            "deployed check": df["deployed"],
         }
     )
 
@@ -117,10 +143,10 @@ def _sensitivity_display(df: pd.DataFrame, low: int = 4, high: int = 8) -> pd.Da
             "type": df["type"],
             "params": df["params"],
             f"trials w ≤ {low} bits": df[f"n_w_le{low}"],
-            f"mean acc, w ≤ {low} bits (%)": [_num(100 * v, ".2f") for v in df[f"acc_w_le{low}"]],
+            f"mean acc, w ≤ {low} bits (%)": [_num(v, ".2f", 100) for v in df[f"acc_w_le{low}"]],
             f"trials w {high} bits": df[f"n_w{high}"],
-            f"mean acc, w {high} bits (%)": [_num(100 * v, ".2f") for v in df[f"acc_w{high}"]],
-            "gain of protecting (points)": [_num(100 * v, "+.2f") for v in df["gain"]],
+            f"mean acc, w {high} bits (%)": [_num(v, ".2f", 100) for v in df[f"acc_w{high}"]],
+            "gain of protecting (points)": [_num(v, "+.2f", 100) for v in df["gain"]],
         }
     )
 
@@ -140,9 +166,20 @@ def _html_table(
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
+def _md(value: Any) -> str:
+    """Stored text made inert in Markdown: HTML escaped, one line."""
+    return html.escape(str(value), quote=False).replace("\n", " ")
+
+
+def _fence(text: str) -> list[str]:
+    """A fenced code block that ``text`` cannot close early."""
+    fence = "````" if "```" in text else "```"
+    return [fence, text, fence]
+
+
 def _md_table(df: pd.DataFrame) -> str:
     def cell(v: Any) -> str:
-        return ("" if pd.isna(v) else str(v)).replace("|", "\\|").replace("\n", " ")
+        return _md("" if pd.isna(v) else v).replace("|", "\\|")
 
     lines = [
         "| " + " | ".join(cell(c) for c in df.columns) + " |",
@@ -154,16 +191,44 @@ def _md_table(df: pd.DataFrame) -> str:
 
 def _failed_frame(study: optuna.Study) -> pd.DataFrame:
     rows = [
-        {"trial": t.number, "state": t.state.name, "reason": read_record(t).fail_reason or ""}
+        {
+            "trial": t.number,
+            "state": t.state.name,
+            "run": read_record(t).run or "",
+            "reason": read_record(t).fail_reason or "",
+        }
         for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL, TrialState.PRUNED))
     ]
-    return pd.DataFrame(rows, columns=["trial", "state", "reason"])
+    return pd.DataFrame(rows, columns=["trial", "state", "run", "reason"])
 
 
-def _dashboard_command(study: optuna.Study) -> str:
-    storage = (read_study_record(study).spec or {}).get("storage")
-    url = storage or f"sqlite:///autoquant-runs/{study.study_name}/study.db"
-    return f"optuna-dashboard {url}"
+def _dashboard_command(study: optuna.Study, storage: str | None = None) -> str:
+    url = storage or (read_study_record(study).spec or {}).get("storage")
+    url = url or f"sqlite:///autoquant-runs/{study.study_name}/study.db"
+    return f"optuna-dashboard {mask_password(url)}"
+
+
+def _status(study: optuna.Study) -> str | None:
+    """A plain statement for a study with nothing to plot or recommend, else None."""
+    c = counts(study)
+    if c["complete"]:
+        return None
+    return (
+        f"This study has no complete trial yet ({c['fail']} failed, {c['pruned']} pruned, "
+        f"{c['running']} running): there is nothing to plot or recommend."
+        + (" The failed trials and their reasons are listed at the end." if c["fail"] else "")
+    )
+
+
+def _deployed_warnings(study: optuna.Study, trials: list[int]) -> list[str]:
+    """One line per listed trial whose deployed model failed its check."""
+    checks = read_deployed_checks(study)
+    out = []
+    for n in dict.fromkeys(trials):
+        warning = deployed_warning(checks.get(n))
+        if warning:
+            out.append(f"trial {n}: {warning}")
+    return out
 
 
 def _reco_text(rec: dict[str, Any]) -> str:
@@ -171,11 +236,13 @@ def _reco_text(rec: dict[str, Any]) -> str:
         return "no trial qualifies"
     speed = f", {rec['speedup']:.2f}× float speed" if rec.get("speedup") else ""
     lat = f"{rec['latency_ms']:.4g} ms" if rec.get("latency_ms") is not None else "n/a"
+    warning = deployed_warning(rec.get("deployed_check"))
     return (
-        f"trial {rec['trial']}: top-1 {100 * rec['accuracy']:.2f} % (drop "
+        (f"{rec['choice']}. " if rec.get("choice") else "")
+        + f"trial {rec['trial']}: top-1 {100 * rec['accuracy']:.2f} % (drop "
         f"{100 * rec['accuracy_drop']:+.2f} points), {rec['size_bytes'] / 1024:.2f} KB "
         f"({100 * rec['size_ratio']:.1f} % of float), {lat}{speed}; plan "
-        f"{rec['plan_summary']}"
+        f"{rec['plan_summary']}" + (f". {warning}" if warning else "")
     )
 
 
@@ -190,72 +257,122 @@ def write_report(
     max_drop_reco: float = 0.01,
     size_fraction: float = 0.25,
     study_ref: str = "<study file>",
+    storage: str | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    force: bool = False,
 ) -> dict[str, Path]:
     """Write ``report.html`` (self-contained, opens offline), ``report.md`` (with
     ``plots/*.png``), ``trials.csv`` and ``front.csv`` into ``out_dir``.
 
+    The folder appears whole or not at all. A study without a complete trial (or without a
+    float baseline) gets a report that says so, with its failed trials.
+
     Args:
         study: a study written by :func:`autoquant.search.run_search`.
-        out_dir: output folder (created).
+        out_dir: output folder: new or empty, or (with ``force``) a previous report.
         compare: another study whose hypervolume curve is drawn beside this one's.
         max_drop_reco: accuracy-drop limit of the "smallest"/"fastest" recommendations.
         size_fraction: size limit (fraction of float) of the "most accurate" one.
         study_ref: how the export commands name the study (the study file path).
+        storage: the storage URL when it is not the study file's (added to the commands,
+            password masked).
+        tolerance: the recommendations take the most accurate trial within
+            ``(1 + tolerance)`` × the minimum (see :func:`autoquant.report.best_choice`).
+        force: replace a previous report in ``out_dir`` (other files are never deleted).
 
     Returns:
         The written paths: ``html``, ``markdown``, ``trials_csv``, ``front_csv`` and
         ``plot_<name>`` for each PNG.
+
+    Raises:
+        autoquant.search.OutputFolderError: ``out_dir`` is a file, or holds other files.
 
     Example:
         >>> paths = write_report(study, "out/", study_ref="studies/digits.toml")  # doctest: +SKIP
         >>> paths["html"]  # doctest: +SKIP
         PosixPath('out/report.html')
     """
-    out = Path(out_dir)
-    (out / "plots").mkdir(parents=True, exist_ok=True)
+    target = Path(out_dir)
+    with output_folder(target, force=force, owned=report_file, what="report") as tmp:
+        names = _write_report(
+            study,
+            tmp,
+            compare=compare,
+            max_drop_reco=max_drop_reco,
+            size_fraction=size_fraction,
+            study_ref=study_ref,
+            storage=storage,
+            tolerance=tolerance,
+        )
+    return {key: target / rel for key, rel in names.items()}
+
+
+def _write_report(
+    study: optuna.Study,
+    out: Path,
+    *,
+    compare: optuna.Study | None,
+    max_drop_reco: float,
+    size_fraction: float,
+    study_ref: str,
+    storage: str | None,
+    tolerance: float,
+) -> dict[str, str]:
+    """Write the report into ``out``; the written files by key, as relative paths."""
+    (out / "plots").mkdir()
     max_drop = read_study_record(study).max_accuracy_drop
-    paths: dict[str, Path] = {}
+    paths: dict[str, str] = {}
 
     trials = trials_frame(study)
     front = front_frame(study, max_drop)
-    paths["trials_csv"] = out / "trials.csv"
-    trials.to_csv(paths["trials_csv"], index=False)
-    paths["front_csv"] = out / "front.csv"
-    front.to_csv(paths["front_csv"], index=False)
+    paths["trials_csv"] = "trials.csv"
+    trials.to_csv(out / "trials.csv", index=False)
+    paths["front_csv"] = "front.csv"
+    front.to_csv(out / "front.csv", index=False)
 
-    figs = report_figures(study, compare=compare, max_drop=max_drop)
+    # Without a float baseline there is nothing to draw against (and no complete trial).
+    has_baseline = float_baseline_or_none(study) is not None
+    figs = report_figures(study, compare=compare, max_drop=max_drop) if has_baseline else {}
     svgs = {}
     for name, fig in figs.items():
-        paths[f"plot_{name}"] = out / "plots" / f"{name}.png"
-        fig.savefig(paths[f"plot_{name}"])
+        paths[f"plot_{name}"] = f"plots/{name}.png"
+        fig.savefig(out / paths[f"plot_{name}"])
         svgs[name] = _svg(fig)
 
     facts = study_facts(study)
     recos = recommendations(
-        study, max_drop=max_drop_reco, size_fraction=size_fraction, study_ref=study_ref
+        study,
+        max_drop=max_drop_reco,
+        size_fraction=size_fraction,
+        study_ref=study_ref,
+        storage=storage,
+        tolerance=tolerance,
     )
     sens = _sensitivity_display(sensitivity_frame(study))
     failed = _failed_frame(study)
     front_disp = _front_display(front)
-    dash = _dashboard_command(study)
-    generated = time.strftime("%Y-%m-%d %H:%M:%S")
+    if not (front_disp["deployed check"] != "").any():
+        front_disp = front_disp.drop(columns=["deployed check"])
+    flagged = list(front["trial"]) + [r["trial"] for r in recos if r["trial"] is not None]
     context = {
         "facts": facts,
+        "status": _status(study),
+        "warnings": _deployed_warnings(study, flagged),
         "recos": recos,
         "sens": sens,
         "failed": failed,
         "front": front_disp,
         "front_trials": list(front["trial"]),
-        "dash": dash,
-        "generated": generated,
+        "dash": _dashboard_command(study, storage),
+        "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
         "max_drop": max_drop,
         "compare": compare,
     }
 
-    paths["html"] = out / "report.html"
-    paths["html"].write_text(_html(study, context, svgs), encoding="utf-8")
-    paths["markdown"] = out / "report.md"
-    paths["markdown"].write_text(_markdown(study, context), encoding="utf-8")
+    paths["html"] = "report.html"
+    (out / "report.html").write_text(_html(study, context, svgs), encoding="utf-8")
+    paths["markdown"] = "report.md"
+    (out / "report.md").write_text(_markdown(study, context, set(svgs)), encoding="utf-8")
     return paths
 
 
@@ -268,8 +385,17 @@ def _front_heading(max_drop: float | None, n: int) -> str:
     return f"Pareto front: {n} non-dominated {within}"
 
 
+_NOT_DRAWN = "Not drawn: the study has no float baseline yet (no search got past its start)."
+
+
 def _html(study: optuna.Study, c: dict[str, Any], svgs: dict[str, str]) -> str:
     e = html.escape
+
+    def figure(name: str, caption: str) -> str:
+        if name not in svgs:
+            return f'<p class="none" id="plot-{name}">{e(_NOT_DRAWN)}</p>'
+        return f'<figure id="plot-{name}">{svgs[name]}<figcaption>{caption}</figcaption></figure>'
+
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -282,22 +408,25 @@ def _html(study: optuna.Study, c: dict[str, Any], svgs: dict[str, str]) -> str:
         f'<p class="muted">Generated {e(c["generated"])}. Tables: <code>trials.csv</code>, '
         f"<code>front.csv</code>. Explore the same storage interactively with "
         f"<code>{e(c['dash'])}</code> (pip install optuna-dashboard).</p>",
-        "<h2>Pareto plots</h2>",
     ]
-    for name in ("accuracy_size", "accuracy_latency", "size_latency"):
+    if c["status"]:
+        parts.append(f'<p class="none" id="status">{e(c["status"])}</p>')
+    if c["warnings"]:
         parts.append(
-            f'<figure id="plot-{name}">{svgs[name]}'
-            f"<figcaption>{e(PLOT_CAPTIONS[name])}</figcaption></figure>"
+            '<div class="none" id="deployed-warnings"><p><b>Deployed models that failed '
+            "their check</b> (ONNX Runtime vs simulation, or over the accuracy limit):</p><ul>"
+            + "".join(f"<li>{e(w)}</li>" for w in c["warnings"])
+            + "</ul></div>"
         )
+    parts.append("<h2>Pareto plots</h2>")
+    for name in ("accuracy_size", "accuracy_latency", "size_latency"):
+        parts.append(figure(name, e(PLOT_CAPTIONS[name])))
+    compared = f" Compared with study {e(c['compare'].study_name)}." if c["compare"] else ""
     parts += [
         "<h2>Hypervolume over trials</h2>",
-        f'<figure id="plot-hypervolume">{svgs["hypervolume"]}<figcaption>'
-        f"{e(PLOT_CAPTIONS['hypervolume'])}"
-        + (f" Compared with study {e(c['compare'].study_name)}." if c["compare"] else "")
-        + "</figcaption></figure>",
+        figure("hypervolume", e(PLOT_CAPTIONS["hypervolume"]) + compared),
         "<h2>Per-layer bit map of the front</h2>",
-        f'<figure id="plot-bitmap">{svgs["bitmap"]}'
-        f"<figcaption>{e(PLOT_CAPTIONS['bitmap'])}</figcaption></figure>",
+        figure("bitmap", e(PLOT_CAPTIONS["bitmap"])),
         f"<h2>{e(_front_heading(c['max_drop'], len(c['front'])))}</h2>",
     ]
     if len(c["front"]):
@@ -305,7 +434,7 @@ def _html(study: optuna.Study, c: dict[str, Any], svgs: dict[str, str]) -> str:
             _html_table(
                 c["front"],
                 row_ids=[f"front-trial-{n}" for n in c["front_trials"]],
-                left=("baseline", "per-layer plan"),
+                left=("baseline", "per-layer plan", "deployed check"),
             )
         )
         parts.append(
@@ -336,48 +465,48 @@ def _html(study: optuna.Study, c: dict[str, Any], svgs: dict[str, str]) -> str:
     if len(c["failed"]):
         parts += [
             "<h2>Failed and pruned trials</h2>",
-            _html_table(c["failed"], left=("state", "reason")),
+            _html_table(c["failed"], left=("state", "run", "reason")),
         ]
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
-def _markdown(study: optuna.Study, c: dict[str, Any]) -> str:
-    lines = [f"# autoquant report: {study.study_name}", "", "| | |", "|---|---|"]
-    lines += [f"| {k} | {str(v).replace('|', '/')} |" for k, v in c["facts"]]
-    lines += [
-        "",
-        f"Generated {c['generated']}. Interactive view: `{c['dash']}`.",
-        "",
-        "## Pareto plots",
-        "",
-    ]
+def _markdown(study: optuna.Study, c: dict[str, Any], drawn: set[str]) -> str:
+    def figure(name: str, caption: str) -> list[str]:
+        if name not in drawn:
+            return [_NOT_DRAWN, ""]
+        return [f"![{name}](plots/{name}.png)", "", caption, ""]
+
+    lines = [f"# autoquant report: {_md(study.study_name)}", "", "| | |", "|---|---|"]
+    lines += [f"| {_md(k)} | {_md(v).replace('|', '/')} |" for k, v in c["facts"]]
+    lines += ["", f"Generated {c['generated']}. Interactive view: `{c['dash']}`.", ""]
+    if c["status"]:
+        lines += [f"**{_md(c['status'])}**", ""]
+    if c["warnings"]:
+        lines += ["**Deployed models that failed their check:**", ""]
+        lines += [f"- {_md(w)}" for w in c["warnings"]] + [""]
+    lines += ["## Pareto plots", ""]
     for name in ("accuracy_size", "accuracy_latency", "size_latency"):
-        lines += [f"![{name}](plots/{name}.png)", "", PLOT_CAPTIONS[name], ""]
+        lines += figure(name, PLOT_CAPTIONS[name])
+    compared = f" Compared with study {_md(c['compare'].study_name)}." if c["compare"] else ""
+    lines += ["## Hypervolume over trials", ""]
+    lines += figure("hypervolume", PLOT_CAPTIONS["hypervolume"] + compared)
+    lines += ["## Per-layer bit map of the front", ""]
+    lines += figure("bitmap", PLOT_CAPTIONS["bitmap"])
     lines += [
-        "## Hypervolume over trials",
-        "",
-        "![hypervolume](plots/hypervolume.png)",
-        "",
-        PLOT_CAPTIONS["hypervolume"],
-        "",
-        "## Per-layer bit map of the front",
-        "",
-        "![bitmap](plots/bitmap.png)",
-        "",
         f"## {_front_heading(c['max_drop'], len(c['front']))}",
         "",
-    ]
-    lines += [
         _md_table(c["front"]) if len(c["front"]) else "No complete trial satisfies the constraint.",
         "",
         "## Recommendations",
         "",
     ]
     for rec in c["recos"]:
-        lines += [f"### {rec['title']}", "", f"_{rec['criterion']}_", "", _reco_text(rec), ""]
-        if rec["trial"] is not None:
-            lines += ["```", rec["command"], "```", ""]
+        lines += [f"### {_md(rec['title'])}", "", f"_{_md(rec['criterion'])}_", ""]
+        if rec["trial"] is None:
+            lines += ["No trial qualifies.", ""]
+        else:
+            lines += [_md(_reco_text(rec)), "", *_fence(rec["command"]), ""]
     lines += ["## Layer sensitivity observed across trials", "", _md_table(c["sens"]), ""]
     if len(c["failed"]):
         lines += ["## Failed and pruned trials", "", _md_table(c["failed"]), ""]

@@ -11,8 +11,9 @@ from optuna.trial import TrialState
 from autoquant.search import (
     FloatBaseline,
     TrialRecord,
+    deployed_check_text,
     pareto_front,
-    read_float_baseline,
+    read_deployed_checks,
     read_record,
     read_study_record,
 )
@@ -22,23 +23,38 @@ def _text(value: str | None) -> str:
     return "" if value is None else value
 
 
-def speedup(record: TrialRecord, baseline: FloatBaseline) -> float | None:
-    """Float latency / trial latency (None without a latency)."""
-    return baseline.latency_ms / record.latency_ms if record.latency_ms else None
+def speedup(record: TrialRecord, baseline: FloatBaseline | None) -> float | None:
+    """Float latency / trial latency (None without a latency or a float baseline)."""
+    if baseline is None or not record.latency_ms:
+        return None
+    return baseline.latency_ms / record.latency_ms
 
 
-def _row(t: optuna.trial.FrozenTrial, baseline: FloatBaseline) -> dict[str, Any]:
+def float_baseline_or_none(study: optuna.Study) -> FloatBaseline | None:
+    """The study's float baseline, or None when no search has measured it yet."""
+    return read_study_record(study).float_baseline
+
+
+def _row(
+    t: optuna.trial.FrozenTrial, baseline: FloatBaseline | None, check: dict[str, Any] | None
+) -> dict[str, Any]:
+    """One trial's row; without a float baseline the stored drop and size ratio are used."""
     r = read_record(t)
     acc, size = r.accuracy, r.size_bytes
+    if baseline is not None:
+        drop = (baseline.accuracy - acc) if acc is not None else None
+        ratio = size / baseline.size_bytes if size is not None else None
+    else:
+        drop, ratio = r.accuracy_drop, r.size_ratio
     return {
         "trial": t.number,
         "state": t.state.name,
         "baseline": _text(r.baseline),
         "accuracy": acc,
-        "drop": (baseline.accuracy - acc) if acc is not None else None,
+        "drop": drop,
         "size_bytes": size,
         "size_kb": size / 1024 if size is not None else None,
-        "size_ratio": size / baseline.size_bytes if size is not None else None,
+        "size_ratio": ratio,
         "latency_ms": r.latency_ms,
         "latency_iqr_ms": r.latency_iqr_ms,
         "speedup": speedup(r, baseline),
@@ -46,14 +62,25 @@ def _row(t: optuna.trial.FrozenTrial, baseline: FloatBaseline) -> dict[str, Any]
         "qat_lr": r.qat_lr,
         "qat_steps": r.qat_steps,
         "trial_s": r.total_s,
+        "deployed": deployed_check_text(check),
+        "run": _text(r.run),
         "fail_reason": _text(r.fail_reason),
     }
 
 
+def _rows(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> list[dict[str, Any]]:
+    baseline = float_baseline_or_none(study)
+    checks = read_deployed_checks(study, trials)
+    return [_row(t, baseline, checks.get(t.number)) for t in trials]
+
+
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
-    """One row per trial (every state) with metrics relative to the float baseline."""
-    baseline = read_float_baseline(study)
-    rows = [_row(t, baseline) for t in study.get_trials(deepcopy=False)]
+    """One row per trial (every state) with metrics relative to the float baseline.
+
+    ``deployed`` flags the deployment check ("", "ok" or "FAILED: ..."), ``run`` names the
+    run that started the trial.
+    """
+    rows = _rows(study, study.get_trials(deepcopy=False))
     return pd.DataFrame(rows, columns=list(_row_columns()))
 
 
@@ -74,6 +101,8 @@ def _row_columns() -> list[str]:
         "qat_lr",
         "qat_steps",
         "trial_s",
+        "deployed",
+        "run",
         "fail_reason",
     ]
 
@@ -81,20 +110,21 @@ def _row_columns() -> list[str]:
 def front_frame(study: optuna.Study, max_drop: float | None = None) -> pd.DataFrame:
     """The Pareto front (complete, feasible, non-dominated trials) as a table.
 
+    Works without a float baseline (drop and size ratio as stored, no speed-up). The
+    ``deployed`` column flags trials whose deployed model failed its check ("FAILED: ...").
+
     Example:
         >>> front_frame(study, max_drop=0.01)[["trial", "accuracy", "size_kb"]]  # doctest: +SKIP
     """
-    baseline = read_float_baseline(study)
-    rows = [_row(t, baseline) for t in pareto_front(study, max_drop)]
+    rows = _rows(study, pareto_front(study, max_drop))
     df = pd.DataFrame(rows, columns=_row_columns())
-    return df.drop(columns=["state", "fail_reason"])
+    return df.drop(columns=["state", "run", "fail_reason"])
 
 
 def failed_frame(study: optuna.Study) -> pd.DataFrame:
-    """Failed trials with their recorded reasons."""
-    baseline = read_float_baseline(study)
-    rows = [_row(t, baseline) for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))]
-    return pd.DataFrame(rows, columns=_row_columns())[["trial", "plan", "fail_reason"]]
+    """Every failed trial, of every run, with its run and recorded reason."""
+    rows = _rows(study, study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+    return pd.DataFrame(rows, columns=_row_columns())[["trial", "run", "plan", "fail_reason"]]
 
 
 def format_table(df: pd.DataFrame) -> str:
@@ -121,8 +151,9 @@ def format_table(df: pd.DataFrame) -> str:
             "latency_ms",
             "speedup",
             "plan",
+            "deployed",
         )
-        if c in df.columns
+        if c in df.columns and (c != "deployed" or (df[c] != "").any())
     ]
     if "fail_reason" in df.columns and "accuracy" not in df.columns:
         cols = list(df.columns)

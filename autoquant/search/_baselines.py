@@ -32,6 +32,7 @@ from ._record import (
 )
 
 BASELINES = (("w8a8", 8, 8), ("w4a8", 4, 8))
+_SETTLED = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)
 
 
 def enqueue_baselines(
@@ -39,8 +40,10 @@ def enqueue_baselines(
 ) -> list[str]:
     """Enqueue the uniform baselines once.
 
-    A baseline is enqueued again only when its earlier run was interrupted or pruned. With
-    ``claims``, one worker at a time enqueues (no duplicates when workers start together).
+    A baseline is enqueued again unless a trial with its mark is complete, running or queued:
+    one that was interrupted, pruned or failed is tried again by the next run (after the
+    user fixed what made it fail). With ``claims``, one worker at a time enqueues (no
+    duplicates when workers start together).
     """
     if claims is not None and not claims.try_claim("enqueue-baselines"):
         return []
@@ -48,11 +51,7 @@ def enqueue_baselines(
         settled = set()
         for t in study.get_trials(deepcopy=False):
             record = read_record(t)
-            if (
-                record.baseline is not None
-                and t.state != TrialState.PRUNED
-                and not (t.state == TrialState.FAIL and record.interrupted)
-            ):
+            if record.baseline is not None and t.state in _SETTLED:
                 settled.add(record.baseline)
         seen: set[tuple[tuple[str, Any], ...]] = set()
         names = []

@@ -49,8 +49,20 @@ def heartbeat_s() -> float:
 
 
 def grace_s() -> float:
-    """Seconds without a heartbeat before a trial counts as lost: ``AUTOQUANT_GRACE_S`` (60)."""
-    return env_seconds("AUTOQUANT_GRACE_S", GRACE_S)
+    """Seconds without a heartbeat before a trial counts as lost: ``AUTOQUANT_GRACE_S`` (60).
+
+    Raises:
+        ValueError: it is less than 2 × ``AUTOQUANT_HEARTBEAT_S``: one late beat would fail a
+            healthy trial as "worker lost".
+    """
+    grace, beat = env_seconds("AUTOQUANT_GRACE_S", GRACE_S), heartbeat_s()
+    if grace < 2 * beat:
+        raise ValueError(
+            f"AUTOQUANT_GRACE_S={grace:g} is not allowed with AUTOQUANT_HEARTBEAT_S={beat:g}; "
+            f"allowed values: >= 2 x AUTOQUANT_HEARTBEAT_S = {2 * beat:g} seconds (a healthy "
+            "trial must be able to miss one heartbeat)"
+        )
+    return grace
 
 
 def claim_timeout_s() -> float:

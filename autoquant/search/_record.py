@@ -28,7 +28,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Protocol
@@ -79,6 +79,8 @@ class TrialRecord:
     baseline: str | None = None  # "w8a8" / "w4a8" for the uniform baselines
     retry_of: int | None = None  # number of the lost trial this one retries
     duplicate_of: int | None = None  # number of the complete trial whose result was reused
+    run: str | None = None  # the run (one run_search call) that started it; see _runs.py
+    forked_from: dict[str, Any] | None = None  # {"study", "trial"} it was copied from (--fork)
     # what ran
     plan: dict[str, Any] | None = None
     plan_summary: str | None = None
@@ -93,6 +95,10 @@ class TrialRecord:
     latency: list[dict[str, Any]] | None = None
     loss_history: list[float] | None = None
     timing_s: dict[str, float] | None = None  # calibrate, qat, eval, measure, total
+    # the deployed model checked against the simulation (DeploymentCheck.to_dict(), _export.py),
+    # when made before the trial finished (or copied by --fork); Optuna freezes a finished
+    # trial, so later checks are stored on the study: see read_deployed_checks
+    deployed: dict[str, Any] | None = None
     # why it failed or was pruned
     fail_reason: str | None = None
     traceback: str | None = None
@@ -134,6 +140,11 @@ class TrialRecord:
     def interrupted(self) -> bool:
         """Failed by Ctrl-C or SIGTERM."""
         return (self.fail_reason or "").startswith(INTERRUPTED)
+
+    @property
+    def deployed_ok(self) -> bool | None:
+        """Whether the deployed model passed its check (None: never checked)."""
+        return None if self.deployed is None else bool(self.deployed.get("ok"))
 
 
 _TRIAL_FIELDS = tuple(f.name for f in fields(TrialRecord) if f.name != "extra")
@@ -223,6 +234,7 @@ class StudyRecord:
     task_info: dict[str, Any] | None = None
     created: str | None = None
     machine: dict[str, Any] | None = None  # where latency is measured
+    forked_from: str | None = None  # the study this one was forked from (--fork)
     float_baseline: FloatBaseline | None = None
 
     @property
@@ -275,6 +287,41 @@ def read_float_baseline(study: optuna.Study) -> FloatBaseline:
     return baseline
 
 
+# -- deployment checks of finished trials ---------------------------------------------------
+
+DEPLOYED_PREFIX = "deployed:"  # study attribute "deployed:<trial number>"
+
+
+def write_deployed_check(study: optuna.Study, number: int, check: Mapping[str, Any]) -> None:
+    """Store the deployment check of finished trial ``number`` (Optuna freezes a finished
+    trial's attributes, so it goes on the study, one attribute per trial: no race between
+    two exports)."""
+    study.set_user_attr(f"{DEPLOYED_PREFIX}{number}", dict(check))
+
+
+def read_deployed_checks(
+    study: optuna.Study, trials: Sequence[FrozenTrial] | None = None
+) -> dict[int, dict[str, Any]]:
+    """The latest deployment check of each trial that has one, by trial number: the one on
+    the study, else the one in the trial's record.
+
+    Example:
+        >>> import optuna
+        >>> study = optuna.create_study()
+        >>> study.add_trial(optuna.trial.create_trial(value=1.0))
+        >>> write_deployed_check(study, 0, {"ok": False})
+        >>> read_deployed_checks(study)
+        {0: {'ok': False}}
+    """
+    attrs = study_user_attrs(study)
+    out: dict[int, dict[str, Any]] = {}
+    for t in study.get_trials(deepcopy=False) if trials is None else trials:
+        check = attrs.get(f"{DEPLOYED_PREFIX}{t.number}") or read_record(t).deployed
+        if check is not None:
+            out[t.number] = dict(check)
+    return out
+
+
 # -- versions ---------------------------------------------------------------------------------
 
 # version n -> n + 1, applied to the attributes as stored.
@@ -309,13 +356,17 @@ def retry_record(record: TrialRecord, lost_number: int) -> TrialRecord:
 def twin_record(twin: TrialRecord, twin_number: int) -> TrialRecord:
     """The record of a trial that reuses the result of an identical complete trial.
 
-    It takes the twin's outcome, not the twin's own marks (worker, baseline, retry_of).
+    It takes the twin's outcome, not the twin's own marks (worker, baseline, retry_of, run,
+    forked_from, its deployment check).
     """
     return replace(
         twin,
         worker=None,
         baseline=None,
         retry_of=None,
+        run=None,
+        forked_from=None,
+        deployed=None,
         duplicate_of=twin_number,
         timing_s={"total": 0.0},
     )

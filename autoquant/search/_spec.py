@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -26,6 +27,45 @@ else:  # pragma: no cover
 
 class StudyFileError(PlanError):
     """A study file is invalid; the message names the file, the key and the allowed values."""
+
+
+MAX_SEED = 2**32 - 1  # numpy's and Optuna's samplers take seeds in 0..2**32-1
+# A study name is a folder under AUTOQUANT_RUNS: no path separators, and no leading dot
+# (".", ".." and hidden names would write beside or above the runs folder).
+_STUDY_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
+STUDY_NAME_RULE = "letters, digits and '_.-', not starting with '.'"
+
+
+def study_name_problem(name: object) -> str | None:
+    """Why ``name`` cannot name a study, or None when it can.
+
+    Example:
+        >>> study_name_problem("digits-v2") is None, study_name_problem("..")
+        (True, "'..' is not allowed; allowed: letters, digits and '_.-', not starting with '.'")
+    """
+    if isinstance(name, str) and _STUDY_NAME.fullmatch(name):
+        return None
+    return f"{name!r} is not allowed; allowed: {STUDY_NAME_RULE}"
+
+
+def max_threads() -> int:
+    """The largest thread count a study may ask for: 4 × this machine's CPUs.
+
+    More threads than that only oversubscribe the cores (ONNX Runtime with 100000 threads
+    allocates gigabytes and stops answering signals).
+    """
+    return 4 * (os.cpu_count() or 1)
+
+
+def threads_problem(threads: int) -> str | None:
+    """Why ``threads`` is not a usable thread count, or None."""
+    top = max_threads()
+    if 1 <= threads <= top:
+        return None
+    return (
+        f"{threads!r} is not allowed; allowed values: 1..{top} "
+        f"(4 × the {os.cpu_count() or 1} CPUs of this machine)"
+    )
 
 
 @dataclass(frozen=True)
@@ -77,6 +117,26 @@ class StudySpec:
     qat: QATSettings = field(default_factory=QATSettings)
     latency: LatencySettings = field(default_factory=LatencySettings)
     source: str | None = None
+
+    def __post_init__(self) -> None:
+        # Checked here too, not only in the file loader: the CLI's --seed and --fork replace()
+        # these fields, and the name becomes a folder path.
+        where = f"{self.source or '<study>'}: "
+        problem = study_name_problem(self.name)
+        if problem:
+            raise StudyFileError(f"{where}study.name = {problem}")
+        if isinstance(self.trials, bool) or not isinstance(self.trials, int) or self.trials < 1:
+            raise StudyFileError(
+                f"{where}study.trials = {self.trials!r} must be >= 1 (allowed values: an "
+                "integer >= 1)"
+            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise StudyFileError(f"{where}study.seed = {self.seed!r}; expected an integer")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise StudyFileError(
+                f"{where}study.seed = {self.seed!r} is not allowed; allowed values: an integer "
+                f"0..{MAX_SEED}"
+            )
 
     @property
     def directions(self) -> list[str]:
@@ -156,11 +216,38 @@ def _dataclass_from(path: str, table: str, cls: type, data: Any) -> Any:
         kind = list if isinstance(default, tuple) else type(default)
         value = _check(path, f"{table}.{key}", value, kind)
         if isinstance(default, tuple):
+            if not value:
+                raise StudyFileError(
+                    f"{path}: {table}.{key} is empty; allowed values: a list of one or more "
+                    f"numbers > 0, e.g. {list(default)}"
+                )
             value = tuple(_check(path, f"{table}.{key}[]", v, type(default[0])) for v in value)
-        if kind in (int, float) and value <= 0:
-            raise StudyFileError(f"{path}: {table}.{key} = {value!r} must be > 0")
+            for v in value:
+                _positive(path, f"{table}.{key}[]", v)
+        if kind in (int, float):
+            _positive(path, f"{table}.{key}", value)
         kwargs[key] = value
     return cls(**kwargs)
+
+
+def _positive(path: str, key: str, value: float) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise StudyFileError(
+            f"{path}: {key} = {value!r} is not allowed; allowed values: a finite number > 0"
+        )
+    if value <= 0:
+        raise StudyFileError(f"{path}: {key} = {value!r} must be > 0")
+
+
+def _finite_space_numbers(path: str, space: Mapping[str, Any]) -> None:
+    """NaN and inf in [space] (``lr``, ``percentile``) are errors, not silent choices."""
+    for key, value in space.items():
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise StudyFileError(
+                    f"{path}: space.{key} = {value!r} is not allowed; allowed values: finite "
+                    "numbers"
+                )
 
 
 _TOP = {"study", "task", "space", "qat", "latency", "objectives", "constraint"}
@@ -190,11 +277,7 @@ def study_spec_from_dict(data: Mapping[str, Any], path: str = "<study>") -> Stud
     _no_unknown(path, "task", {**task, "name": 0, "options": 0}, {"name", "options"})
 
     name = _check(path, "study.name", study.get("name", Path(path).stem), str)
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        raise StudyFileError(f"{path}: study.name = {name!r}; allowed: letters, digits, '_.-'")
-    trials = _check(path, "study.trials", study.get("trials", 20), int)
-    if trials < 1:
-        raise StudyFileError(f"{path}: study.trials = {trials} must be >= 1")
+    trials = _check(path, "study.trials", study.get("trials", 20), int)  # range: StudySpec
     sampler = _check(path, "study.sampler", study.get("sampler", "tpe"), str, tuple(SAMPLERS))
     seed = _check(path, "study.seed", study.get("seed", 0), int)
     storage = study.get("storage")
@@ -229,6 +312,7 @@ def study_spec_from_dict(data: Mapping[str, Any], path: str = "<study>") -> Stud
 
     space_data = data.get("space", {})
     _check(path, "[space]", space_data, dict)
+    _finite_space_numbers(path, space_data)
     try:
         space = SearchSpace.from_dict(
             {k: tuple(v) if isinstance(v, list) else v for k, v in space_data.items()}
@@ -241,6 +325,9 @@ def study_spec_from_dict(data: Mapping[str, Any], path: str = "<study>") -> Stud
     latency = _dataclass_from(path, "latency", LatencySettings, data.get("latency", {}))
     # Any backend registered with autoquant.measure.register_backend (before loading).
     _check(path, "latency.backend", latency.backend, str, tuple(BACKENDS))
+    problem = threads_problem(latency.threads)
+    if problem:
+        raise StudyFileError(f"{path}: latency.threads = {problem}")
 
     return StudySpec(
         name=name,

@@ -18,8 +18,9 @@ import optuna
 from optuna.storages import RDBStorage
 
 from ._liveness import MAX_RETRY, grace_s, heartbeat_s, retry_lost_trial
+from ._objectives import OBJECTIVES
 from ._samplers import make_sampler
-from ._spec import StudySpec, mask_password
+from ._spec import StudySpec, mask_password, study_name_problem
 
 
 class StorageError(RuntimeError):
@@ -31,13 +32,17 @@ def runs_dir() -> Path:
     return Path(os.environ.get("AUTOQUANT_RUNS", "autoquant-runs"))
 
 
-def storage_url(spec: StudySpec, override: str | None = None) -> str:
-    """The storage URL: the override, the study file's ``storage``, or a SQLite file."""
+def storage_url(spec: StudySpec, override: str | None = None, *, create: bool = True) -> str:
+    """The storage URL: the override, the study file's ``storage``, or a SQLite file.
+
+    With ``create`` (the default) the default SQLite file's folder is created.
+    """
     url = override or spec.storage
     if url:
         return url
     path = runs_dir() / spec.name / "study.db"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if create:
+        path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path.resolve()}"
 
 
@@ -127,6 +132,10 @@ def _with_driver_quiet(url: str) -> str:
 def load_study(spec: StudySpec, storage: str | None = None) -> optuna.Study:
     """Create or load the study named by ``spec`` (idempotent: reruns resume).
 
+    The study's metric names (``accuracy``, ``size_bytes``, ``latency_ms``: the objectives'
+    record fields) are set at creation, and on resume when missing, so optuna-dashboard
+    names the axes.
+
     Raises:
         StorageError: the storage cannot be opened, or its study of that name has other
             objectives than ``spec``.
@@ -142,9 +151,73 @@ def load_study(spec: StudySpec, storage: str | None = None) -> optuna.Study:
         sampler=make_sampler(spec, spec.seed),
         load_if_exists=True,
     )
+    _check_directions(study, spec, url)
+    if study.metric_names is None:
+        with warnings.catch_warnings():  # set_metric_names is "experimental" since Optuna 3.2
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([OBJECTIVES[o].field for o in spec.objectives])
+    return study
+
+
+def _check_directions(study: optuna.Study, spec: StudySpec, url: str) -> None:
     if list(study.directions) != [optuna.study.StudyDirection[d.upper()] for d in spec.directions]:
         raise StorageError(
             f"study {spec.name!r} in {mask_password(url)} has other objectives "
             "than the study file; use another study name or storage"
         )
+
+
+class StudyNotFoundError(LookupError):
+    """A read-only command named a study that its storage does not hold."""
+
+
+def study_names(storage: optuna.storages.BaseStorage) -> list[str]:
+    """The studies a storage holds, sorted; autoquant's own marker studies left out."""
+    names = optuna.get_all_study_names(storage)
+    return sorted(n for n in names if study_name_problem(n) is None)
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The file of a ``sqlite:///`` URL (None: not SQLite, or in memory)."""
+    scheme, _, rest = url.partition(":///")
+    if not scheme.startswith("sqlite") or not rest:
+        return None
+    path = rest.split("?", 1)[0]
+    return None if path in ("", ":memory:") else Path(path)
+
+
+def load_existing_study(spec: StudySpec, storage: str | None = None) -> optuna.Study:
+    """Open the study named by ``spec`` for reading; unlike :func:`load_study` it never
+    creates one (nor a SQLite file or folder), so a typo leaves nothing behind.
+
+    For the read-only commands (``front``, ``best``, ``report``, ``export``,
+    ``bench-latency``).
+
+    Raises:
+        StudyNotFoundError: there is no such study: "study 'x' not found in <storage>;
+            studies there: a, b" (the password masked).
+        StorageError: the storage cannot be opened, or the study has other objectives.
+
+    Example:
+        >>> study = load_existing_study(load_study_spec("studies/digits.toml"))  # doctest: +SKIP
+    """
+    url = storage_url(spec, storage, create=False)
+    where = mask_password(url)
+    path = _sqlite_file(url)
+    if path is not None and not path.is_file():
+        raise StudyNotFoundError(
+            f"study {spec.name!r} not found: {where} does not exist; run `autoquant search` "
+            "first, or give the storage that holds it (--storage)"
+        )
+    opened = open_storage(url)
+    names = study_names(opened)
+    if spec.name not in names:
+        raise StudyNotFoundError(
+            f"study {spec.name!r} not found in {where}; studies there: "
+            f"{', '.join(names) if names else 'none'}"
+        )
+    study = optuna.load_study(
+        study_name=spec.name, storage=opened, sampler=make_sampler(spec, spec.seed)
+    )
+    _check_directions(study, spec, url)
     return study

@@ -53,16 +53,18 @@ def make_objective(
     worker: str | None = None,
     *,
     baseline: FloatBaseline,
+    run: str | None = None,
 ) -> Callable[[optuna.Trial], list[float]]:
     """The trial function: budget check, then plan → QAT → metrics (see :class:`SearchContext`).
 
-    Every failure leaves a ``fail_reason`` (and ``traceback``) on the trial.
+    Every failure leaves a ``fail_reason`` (and ``traceback``) on the trial; ``run`` is
+    recorded on every trial, so a run counts only its own failures (``_runs.py``).
     """
     spec = ctx.spec
 
     def objective(trial: optuna.Trial) -> list[float]:
-        if worker:
-            write_record(trial, TrialRecord(worker=worker))
+        if worker or run:
+            write_record(trial, TrialRecord(worker=worker, run=run))
         trials = study.get_trials(deepcopy=False)
         mine = next((t for t in trials if t.number == trial.number), None)
         before = slot(mine) if mine is not None else trial.number

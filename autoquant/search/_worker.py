@@ -41,12 +41,14 @@ from autoquant.measure import LatencyCache
 
 from . import _optuna_compat as compat
 from ._baselines import enqueue_baselines, ensure_float_baseline
-from ._budget import counted_failure, taken_slots
+from ._budget import taken_slots
 from ._context import SearchContext, build_context
 from ._liveness import claim_timeout_s, fail_lost_trials, grace_s, heartbeat_s
 from ._locks import Beater, ClaimingAttrStore, Claims
 from ._progress import Progress
 from ._record import TrialRecord, read_record, write_record
+from ._resume import check_space_unchanged
+from ._runs import failure_limit, new_run_id, run_failures
 from ._signals import abandon_reason, sigterm_as_interrupt
 from ._spec import StudySpec
 from ._storages import load_study
@@ -64,6 +66,7 @@ def run_search(
     storage: str | None = None,
     progress: bool = True,
     ctx: SearchContext | None = None,
+    run: str | None = None,
 ) -> optuna.Study:
     """Run, resume or join a study until exactly ``trials`` trials are complete.
 
@@ -72,10 +75,16 @@ def run_search(
     recorded as FAIL with its ``fail_reason`` and the search goes on; Ctrl-C fails the trial
     in flight as "interrupted" and raises KeyboardInterrupt. Rerunning resumes.
 
+    ``run`` names this run (default: a new id, see :mod:`autoquant.search._runs`); the search
+    stops after ``max(5, trials)`` failures of this run, and :func:`run_outcome` tells whether
+    it did. A study file whose search space differs from the stored study's stops before any
+    trial with :class:`SpaceChangedError`.
+
     Example:
         >>> study = run_search(load_study_spec("studies/digits.toml"), trials=4)  # doctest: +SKIP
     """
     budget = trials or spec.trials
+    run = run or new_run_id()
     study = load_study(spec, storage)
     beater = Beater(heartbeat_s())
     claims = Claims(
@@ -86,17 +95,18 @@ def run_search(
         timeout_s=claim_timeout_s(),
     )
     worker = f"{socket.gethostname()}:{os.getpid()}"
-    max_failures = max(5, budget)
+    max_failures = failure_limit(budget)
     bar: Progress | None = None
     try:
         with sigterm_as_interrupt():
             ctx = ctx or build_context(spec, LatencyCache(store=ClaimingAttrStore(study, claims)))
+            check_space_unchanged(study, ctx)  # before any trial: Optuna cannot mix spaces
             baseline = ensure_float_baseline(study, ctx, claims)
             enqueue_baselines(study, ctx, claims)  # again: earlier ones may be interrupted
-            objective = make_objective(study, ctx, budget, worker, baseline=baseline)
+            objective = make_objective(study, ctx, budget, worker, baseline=baseline, run=run)
             if progress:
                 bar = Progress(study, spec, budget)
-            _work(study, objective, beater, claims, budget, max_failures, bar, spec)
+            _work(study, objective, beater, claims, budget, max_failures, bar, spec, run)
     finally:
         claims.release_all()
         beater.close()
@@ -114,6 +124,7 @@ def _work(
     max_failures: int,
     bar: Progress | None,
     spec: StudySpec,
+    run: str,
 ) -> None:
     """The worker loop: run trials while budget slots are free; else wait for other workers."""
     heartbeats = compat.beats_enabled(study)
@@ -134,9 +145,9 @@ def _work(
                 return
             time.sleep(poll_s)
             continue
-        if sum(counted_failure(t) for t in trials) >= max_failures:
+        if run_failures(trials, run) >= max_failures:  # earlier runs' failures do not count
             log.error(
-                "stopping: %d trials failed; see `autoquant front %s --failed`",
+                "stopping: %d trials of this run failed; see `autoquant front %s --failed`",
                 max_failures,
                 spec.source or spec.name,
             )

@@ -50,6 +50,8 @@ FULL = TrialRecord(
     baseline="w4a8",
     retry_of=3,
     duplicate_of=2,
+    run="2026-01-01T09:00:00-a1b2c3",
+    forked_from={"study": "old", "trial": 4},
     plan=PLAN.to_dict(),
     plan_summary=PLAN.summary(),
     qat={"lr": 0.001, "steps": 60, "optimizer": "adam"},
@@ -62,6 +64,7 @@ FULL = TrialRecord(
     latency=LATENCY,
     loss_history=[1.5, 0.75, 0.5],
     timing_s={"calibrate": 0.1, "qat": 2.0, "eval": 0.3, "measure": 0.5, "total": 2.9},
+    deployed={"backend": "onnxruntime", "accuracy": 0.9, "ok": True},
     fail_reason="ValueError: x",
     traceback="Traceback (most recent call last): ...",
     extra={"my_note": {"by": "a user"}},
@@ -200,6 +203,7 @@ def test_study_record_round_trips(storage: str | None) -> None:
         task_info={"classes": 10},
         created="2026-01-05 09:00:00",
         machine={"cpu": "x"},
+        forked_from="old",
         float_baseline=FloatBaseline(0.9, 100, 1.5, [{"median_ms": 1.5}]),
     )
     write_study_record(study, record)
@@ -242,6 +246,7 @@ def test_the_retry_keeps_only_the_baseline_mark_and_names_the_lost_trial() -> No
 def test_a_twin_copies_the_outcome_but_not_the_twins_own_marks() -> None:
     twin = twin_record(FULL, 2)
     assert (twin.worker, twin.baseline, twin.retry_of) == (None, None, None)
+    assert (twin.run, twin.forked_from, twin.deployed) == (None, None, None)
     assert twin.duplicate_of == 2 and twin.timing_s == {"total": 0.0}
     for name in ("plan", "accuracy", "size_bytes", "latency", "qat", "extra"):
         assert getattr(twin, name) == getattr(FULL, name), name
