@@ -77,6 +77,7 @@ _ONNX_NAMES = frozenset(
         "fused_op_types",
         "load_onnx",
         "ort_session",
+        "run_onnx",
     }
 )
 
@@ -132,6 +133,7 @@ __all__ = [
     "plan_formats",
     "read_sidecar",
     "register_backend",
+    "run_onnx",
     "register_deployment",
     "remeasure",
     "tensor_format",

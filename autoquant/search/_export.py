@@ -29,6 +29,7 @@ from autoquant.measure import (
     load_onnx,
     measure_latencies,
     ort_session,
+    run_onnx,
 )
 from autoquant.train import evaluate
 
@@ -351,11 +352,10 @@ class _OrtModel(nn.Module):
     def __init__(self, session: Any) -> None:
         super().__init__()
         self.session = session
-        self.names = [i.name for i in session.get_inputs()]
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        feed = {n: t.detach().cpu().numpy() for n, t in zip(self.names, inputs, strict=False)}
-        return torch.from_numpy(self.session.run(None, feed)[0])
+        # Each input as the model declares it (int64 token ids, a float mask, ...).
+        return torch.from_numpy(run_onnx(self.session, inputs))
 
 
 def deployed_accuracy(ctx: SearchContext, onnx_path: Path) -> float:
