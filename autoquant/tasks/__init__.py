@@ -27,6 +27,7 @@ from autoquant.tasks._files import (
 )
 from autoquant.tasks._models import BasicBlock, CifarResNet, DigitsCNN, LeNet5, PadShortcut
 from autoquant.tasks._registry import BUILTIN_TASKS, TaskError, get_task
+from autoquant.tasks._subsets import stratified_subset
 from autoquant.tasks._task import Batch, Task, TensorSplits
 
 __all__ = [
@@ -53,4 +54,5 @@ __all__ = [
     "load_cifar10",
     "load_mnist32",
     "mnist_lenet5_task",
+    "stratified_subset",
 ]

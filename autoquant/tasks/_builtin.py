@@ -23,6 +23,7 @@ from autoquant.tasks._files import (
     file_sha256,
 )
 from autoquant.tasks._models import CifarResNet, DigitsCNN, LeNet5
+from autoquant.tasks._subsets import stratified_subset
 from autoquant.tasks._task import Task, TensorSplits
 from autoquant.train import evaluate, qat_finetune, torch_threads
 
@@ -30,6 +31,11 @@ log = logging.getLogger("autoquant.tasks")
 
 # Bump when a model class, recipe or preprocessing changes: old caches are then ignored.
 CACHE_VERSION = 1
+# Bump when the choice or order of subsets changes. Part of the key of every cache that
+# depends on a subset (float accuracy on an eval subset, the digits model trained on its
+# split); not of the CIFAR fine-tunes, which see the whole train split.
+# 2: stratified, shuffled subsets (were: a seeded choice in index order).
+SUBSETS_VERSION = 2
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 CIFAR_MEAN = (0.485, 0.456, 0.406)
@@ -52,13 +58,6 @@ def _check_size(name: str, value: int | None, limit: int) -> int:
     return min(value, limit)
 
 
-def _subset(n: int, size: int, seed: int) -> np.ndarray:
-    """``size`` of ``range(n)`` chosen with ``seed``, in ascending order (all if size >= n)."""
-    if size >= n:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).permutation(n)[:size])
-
-
 _Pair = tuple[Tensor, Tensor]
 
 
@@ -67,10 +66,12 @@ def _train_test_subsets(
 ) -> tuple[_Pair, _Pair, _Pair, _Pair, np.ndarray]:
     """``(train, calib, eval, test, eval_idx)`` of a data set's ``x_train``/``y_train`` and
     ``x_test``/``y_test`` arrays as ``(x, y)`` tensors: calibration drawn from the training
-    split and evaluation from the test split, with ``seed``."""
-    n_train, n_test = len(data["y_train"]), len(data["y_test"])
-    calib_idx = _subset(n_train, _check_size("calib_size", calib_size, n_train), seed + 1)
-    eval_idx = _subset(n_test, _check_size("eval_size", eval_size, n_test), seed + 2)
+    split and evaluation from the test split, stratified by class and shuffled with ``seed``
+    (see :func:`stratified_subset`), so that the first batches of either are balanced."""
+    y_train, y_test = data["y_train"], data["y_test"]
+    n_train, n_test = len(y_train), len(y_test)
+    calib_idx = stratified_subset(y_train, _check_size("calib_size", calib_size, n_train), seed + 1)
+    eval_idx = stratified_subset(y_test, _check_size("eval_size", eval_size, n_test), seed + 2)
     x_train, y_train = torch.from_numpy(data["x_train"]), torch.from_numpy(data["y_train"])
     x_test, y_test = torch.from_numpy(data["x_test"]), torch.from_numpy(data["y_test"])
     return (
@@ -131,7 +132,9 @@ def digits_cnn_task(
     """Small CNN on scikit-learn's 8×8 digits; trained on first use (seconds) and cached.
 
     The 1797 images are split with ``seed`` into train and a held-out test split
-    (``test_fraction``); calibration samples come from train. Training is deterministic
+    (``test_fraction``, stratified by class); calibration samples come from train. The
+    calibration and evaluation subsets are stratified by class and shuffled, so that any
+    prefix of them is balanced. Training is deterministic
     (seeded init and batch order, Adam with cosine decay).
 
     Args:
@@ -152,13 +155,17 @@ def digits_cnn_task(
         raise ValueError(f"test_fraction={test_fraction!r} is not allowed; allowed values: (0, 1)")
     x_all, y_all = load_digits_arrays()
     n = len(x_all)
-    perm = np.random.default_rng(seed).permutation(n)
     n_test = round(test_fraction * n)
-    test_idx, train_idx = np.sort(perm[:n_test]), np.sort(perm[n_test:])
+    test_idx = np.sort(stratified_subset(y_all, n_test, seed))
+    train_idx = np.setdiff1d(np.arange(n), test_idx)  # sorted; train_batches shuffles
     calib_idx = train_idx[
-        _subset(len(train_idx), _check_size("calib_size", calib_size, len(train_idx)), seed + 1)
+        stratified_subset(
+            y_all[train_idx], _check_size("calib_size", calib_size, len(train_idx)), seed + 1
+        )
     ]
-    eval_idx = test_idx[_subset(n_test, _check_size("eval_size", eval_size, n_test), seed + 2)]
+    eval_idx = test_idx[
+        stratified_subset(y_all[test_idx], _check_size("eval_size", eval_size, n_test), seed + 2)
+    ]
 
     def t(idx: np.ndarray) -> tuple[Tensor, Tensor]:
         return torch.from_numpy(x_all[idx]), torch.from_numpy(y_all[idx])
@@ -173,6 +180,7 @@ def digits_cnn_task(
     test_splits = TensorSplits(t(train_idx), t(calib_idx), t(test_idx))
     config = {
         "version": CACHE_VERSION,
+        "subsets": SUBSETS_VERSION,  # the split decides the training data
         "seed": seed,
         "test_fraction": test_fraction,
         "epochs": train_epochs,
@@ -302,6 +310,7 @@ def mnist_lenet5_task(
         "mnist-lenet5",
         {
             "version": CACHE_VERSION,
+            "subsets": SUBSETS_VERSION,
             "weights": file_sha256(weights),
             "eval": config_key({"indices": eval_idx.tolist()}),
         },
@@ -528,6 +537,12 @@ def cifar10_resnet_task(
         task.float_accuracy = full_acc
     else:
         task.float_accuracy = _float_accuracy(
-            task, name, {"model": state_key, "eval": config_key({"indices": eval_idx.tolist()})}
+            task,
+            name,
+            {
+                "model": state_key,
+                "subsets": SUBSETS_VERSION,
+                "eval": config_key({"indices": eval_idx.tolist()}),
+            },
         )
     return task
