@@ -24,8 +24,9 @@ from autoquant.tasks._files import (
 )
 from autoquant.tasks._models import CifarResNet, DigitsCNN, LeNet5
 from autoquant.tasks._subsets import stratified_subset
-from autoquant.tasks._task import Task, TensorSplits
+from autoquant.tasks._task import Task, TensorSplits, _take
 from autoquant.train import evaluate, qat_finetune, torch_threads
+from autoquant.transform import Inputs
 
 log = logging.getLogger("autoquant.tasks")
 
@@ -58,29 +59,37 @@ def _check_size(name: str, value: int | None, limit: int) -> int:
     return min(value, limit)
 
 
-_Pair = tuple[Tensor, Tensor]
+_Pair = tuple[Inputs, Tensor]
 
 
-def _train_test_subsets(
-    data: Arrays, seed: int, calib_size: int | None, eval_size: int | None
-) -> tuple[_Pair, _Pair, _Pair, _Pair, np.ndarray]:
-    """``(train, calib, eval, test, eval_idx)`` of a data set's ``x_train``/``y_train`` and
-    ``x_test``/``y_test`` arrays as ``(x, y)`` tensors: calibration drawn from the training
-    split and evaluation from the test split, stratified by class and shuffled with ``seed``
-    (see :func:`stratified_subset`), so that the first batches of either are balanced."""
-    y_train, y_test = data["y_train"], data["y_test"]
-    n_train, n_test = len(y_train), len(y_test)
-    calib_idx = stratified_subset(y_train, _check_size("calib_size", calib_size, n_train), seed + 1)
-    eval_idx = stratified_subset(y_test, _check_size("eval_size", eval_size, n_test), seed + 2)
-    x_train, y_train = torch.from_numpy(data["x_train"]), torch.from_numpy(data["y_train"])
-    x_test, y_test = torch.from_numpy(data["x_test"]), torch.from_numpy(data["y_test"])
-    return (
-        (x_train, y_train),
-        (x_train[calib_idx], y_train[calib_idx]),
-        (x_test[eval_idx], y_test[eval_idx]),
-        (x_test, y_test),
-        eval_idx,
+def _arrays_split(data: Arrays, split: str) -> tuple[Tensor, Tensor]:
+    """``(x, y)`` tensors of a data set's ``x_<split>`` / ``y_<split>`` arrays."""
+    return torch.from_numpy(data[f"x_{split}"]), torch.from_numpy(data[f"y_{split}"])
+
+
+def calib_eval_subsets(
+    train: _Pair, test: _Pair, seed: int, calib_size: int | None, eval_size: int | None
+) -> tuple[_Pair, _Pair, np.ndarray]:
+    """``(calib, eval, eval_idx)``: the calibration subset of ``train`` and the evaluation
+    subset of ``test``, each stratified by class and shuffled with ``seed`` (see
+    :func:`stratified_subset`), so that the first batches of either are balanced.
+
+    Every built-in task picks its subsets here; ``eval_idx`` (rows of ``test``, in order)
+    keys the float-accuracy caches.
+    """
+    n_train, n_test = len(train[1]), len(test[1])
+    calib_idx = stratified_subset(
+        train[1].numpy(), _check_size("calib_size", calib_size, n_train), seed + 1
     )
+    eval_idx = stratified_subset(
+        test[1].numpy(), _check_size("eval_size", eval_size, n_test), seed + 2
+    )
+
+    def rows(pair: _Pair, idx: np.ndarray) -> _Pair:
+        index = torch.from_numpy(idx)
+        return _take(pair[0], index), pair[1][index]
+
+    return rows(train, calib_idx), rows(test, eval_idx), eval_idx
 
 
 def _save_checkpoint(obj: dict[str, Any], f: IO[bytes]) -> None:
@@ -158,26 +167,16 @@ def digits_cnn_task(
     n_test = round(test_fraction * n)
     test_idx = np.sort(stratified_subset(y_all, n_test, seed))
     train_idx = np.setdiff1d(np.arange(n), test_idx)  # sorted; train_batches shuffles
-    calib_idx = train_idx[
-        stratified_subset(
-            y_all[train_idx], _check_size("calib_size", calib_size, len(train_idx)), seed + 1
-        )
-    ]
-    eval_idx = test_idx[
-        stratified_subset(y_all[test_idx], _check_size("eval_size", eval_size, n_test), seed + 2)
-    ]
 
     def t(idx: np.ndarray) -> tuple[Tensor, Tensor]:
         return torch.from_numpy(x_all[idx]), torch.from_numpy(y_all[idx])
 
+    train, test = t(train_idx), t(test_idx)
+    calib, evals, eval_idx = calib_eval_subsets(train, test, seed, calib_size, eval_size)
     splits = TensorSplits(
-        t(train_idx),
-        t(calib_idx),
-        t(eval_idx),
-        batch_size=batch_size,
-        eval_batch_size=eval_batch_size,
+        train, calib, evals, batch_size=batch_size, eval_batch_size=eval_batch_size
     )
-    test_splits = TensorSplits(t(train_idx), t(calib_idx), t(test_idx))
+    test_splits = TensorSplits(train, calib, test)
     config = {
         "version": CACHE_VERSION,
         "subsets": SUBSETS_VERSION,  # the split decides the training data
@@ -229,7 +228,7 @@ def digits_cnn_task(
         loss_fn=F.cross_entropy,
         info={
             "train_size": len(train_idx),
-            "calib_size": len(calib_idx),
+            "calib_size": len(calib[1]),
             "eval_size": len(eval_idx),
             "test_accuracy": meta["test_accuracy"],
             "train_seconds": meta["train_seconds"],
@@ -280,7 +279,10 @@ def mnist_lenet5_task(
     weights = data_file("weights/lenet5_mnist.pt")
     data = load_mnist32()
     state = torch.load(weights, weights_only=True, map_location="cpu")
-    train, calib, evals, _, eval_idx = _train_test_subsets(data, seed, calib_size, eval_size)
+    train = _arrays_split(data, "train")
+    calib, evals, eval_idx = calib_eval_subsets(
+        train, _arrays_split(data, "test"), seed, calib_size, eval_size
+    )
     n_train = len(train[1])
     splits = TensorSplits(
         train,
@@ -401,7 +403,8 @@ def cifar10_resnet_task(
     name = f"cifar10-resnet{depth}"
     weights = data_file(RESNET_WEIGHTS[depth])
     data = load_cifar10()
-    train, calib, evals, test, eval_idx = _train_test_subsets(data, seed, calib_size, eval_size)
+    train, test = _arrays_split(data, "train"), _arrays_split(data, "test")
+    calib, evals, eval_idx = calib_eval_subsets(train, test, seed, calib_size, eval_size)
     n_train, n_test = len(train[1]), len(test[1])
     splits = TensorSplits(
         train,

@@ -31,17 +31,15 @@ from torch import Tensor, nn
 from autoquant.tasks._builtin import (
     CACHE_VERSION,
     SUBSETS_VERSION,
-    _check_size,
     _float_accuracy,
     _load_checkpoint,
     _save_checkpoint,
+    calib_eval_subsets,
 )
 from autoquant.tasks._datasets import Arrays, _load_npz, _save_npz
 from autoquant.tasks._files import cache_dir, cached_artifact, config_key, data_file, file_sha256
 from autoquant.tasks._models import BertClassifier
-from autoquant.tasks._subsets import stratified_subset
-from autoquant.tasks._task import Task, TensorSplits, _take
-from autoquant.transform import Inputs
+from autoquant.tasks._task import Task, TensorSplits
 
 log = logging.getLogger("autoquant.tasks")
 
@@ -312,8 +310,8 @@ def sst2_minilm_task(
             f"eval_split={eval_split!r} is not allowed; allowed values: "
             f"{', '.join(map(repr, EVAL_SPLITS))}"
         )
-    folder, _, tokens_key = _token_sources(max_length)
-    tokens = load_sst2_tokens(max_length)
+    folder, paths, tokens_key = _token_sources(max_length)
+    tokens = _tokens(max_length, folder, tuple(paths.items()), tokens_key)
     length = int(tokens["max_length"])
 
     def split(name: str) -> tuple[tuple[Tensor, Tensor], Tensor]:
@@ -323,27 +321,9 @@ def sst2_minilm_task(
 
     train, dev, test = (split(s) for s in SST2_SPLITS)
     held_out = test if eval_split == "test" else dev
-    n_train, n_eval = len(train[1]), len(held_out[1])
-    calib_idx = torch.from_numpy(
-        stratified_subset(
-            train[1].numpy(), _check_size("calib_size", calib_size, n_train), seed + 1
-        )
-    )
-    eval_idx = torch.from_numpy(
-        stratified_subset(
-            held_out[1].numpy(), _check_size("eval_size", eval_size, n_eval), seed + 2
-        )
-    )
-
-    def take(pair: tuple[tuple[Tensor, Tensor], Tensor], idx: Tensor) -> tuple[Inputs, Tensor]:
-        return _take(pair[0], idx), pair[1][idx]
-
+    calib, evals, eval_idx = calib_eval_subsets(train, held_out, seed, calib_size, eval_size)
     splits = TensorSplits(
-        train,
-        take(train, calib_idx),
-        take(held_out, eval_idx),
-        batch_size=batch_size,
-        eval_batch_size=eval_batch_size,
+        train, calib, evals, batch_size=batch_size, eval_batch_size=eval_batch_size
     )
     weights = folder / "model.safetensors"
     head_config = {
@@ -405,8 +385,8 @@ def sst2_minilm_task(
         example_input=splits.example_input,
         loss_fn=F.cross_entropy,
         info={
-            "train_size": n_train,
-            "calib_size": len(calib_idx),
+            "train_size": len(train[1]),
+            "calib_size": len(calib[1]),
             "eval_size": len(eval_idx),
             "eval_split": eval_split,
             "max_length": length,

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from autoquant.tasks import BUILTIN_TASKS, Task, stratified_subset
-from autoquant.tasks._builtin import _train_test_subsets
+from autoquant.tasks._builtin import calib_eval_subsets
 
 CALIB_BATCH, CALIB_BATCHES = 64, 4  # the study defaults: [qat] batch_size, calib_batches
 
@@ -72,28 +72,29 @@ def test_subset_rejects_bad_labels() -> None:
         stratified_subset(np.zeros((4, 2)), 2, seed=0)
 
 
-def test_train_test_subsets_on_class_sorted_arrays() -> None:
-    """The code path of the MNIST and CIFAR tasks, on arrays stored class by class."""
-    y_train, y_test = _class_sorted([500] * 10), _class_sorted([100] * 10)
-    data = {
-        "x_train": np.arange(len(y_train), dtype=np.int64)[:, None],  # the row's own index
-        "y_train": y_train,
-        "x_test": -1 - np.arange(len(y_test), dtype=np.int64)[:, None],
-        "y_test": y_test,
-    }
-    train, calib, evals, test, eval_idx = _train_test_subsets(data, 0, 512, 500)
+def test_calib_eval_subsets_on_class_sorted_arrays() -> None:
+    """The helper every built-in task picks its subsets with, on data stored class by class."""
+    y_train = torch.from_numpy(_class_sorted([500] * 10))
+    y_test = torch.from_numpy(_class_sorted([100] * 10))
+    train = (torch.arange(len(y_train))[:, None], y_train)  # a row holds its own index
+    test = (-1 - torch.arange(len(y_test))[:, None], y_test)
+    calib, evals, eval_idx = calib_eval_subsets(train, test, 0, 512, 500)
     calib_y = calib[1].numpy()
-    first = calib_y[: CALIB_BATCH * CALIB_BATCHES]
-    assert set(first.tolist()) == set(range(10))
+    assert set(calib_y[: CALIB_BATCH * CALIB_BATCHES].tolist()) == set(range(10))
     assert _prefix_excess(calib_y) < 0 and _prefix_excess(evals[1].numpy()) < 0
-    # Rows travel with their labels, calibration comes from train only, evaluation from test.
-    assert np.array_equal(y_train[calib[0][:, 0].numpy()], calib_y)
-    assert np.array_equal(y_test[eval_idx], evals[1].numpy())
+    # Rows travel with their labels; calibration comes from train only, evaluation from test.
+    assert torch.equal(y_train[calib[0][:, 0]], calib[1])
+    assert torch.equal(y_test[torch.from_numpy(eval_idx)], evals[1])
     assert (calib[0] >= 0).all() and (evals[0] < 0).all()
-    again = _train_test_subsets(data, 0, 512, 500)
-    assert torch.equal(calib[0], again[1][0]) and torch.equal(evals[0], again[2][0])
-    other = _train_test_subsets(data, 1, 512, 500)
-    assert not torch.equal(calib[0], other[1][0]) and not torch.equal(evals[0], other[2][0])
+    assert len(set(calib[0][:, 0].tolist())) == 512 and len(set(eval_idx.tolist())) == 500
+    again = calib_eval_subsets(train, test, 0, 512, 500)
+    assert torch.equal(calib[0], again[0][0]) and torch.equal(evals[0], again[1][0])
+    other = calib_eval_subsets(train, test, 1, 512, 500)
+    assert not torch.equal(calib[0], other[0][0]) and not torch.equal(evals[0], other[1][0])
+    # Tuple inputs (token ids, mask) are indexed together.
+    pair = ((train[0], train[0] * 2), y_train)
+    (ids, doubled), _ = calib_eval_subsets(pair, test, 0, 512, 500)[0]
+    assert torch.equal(doubled, ids * 2) and torch.equal(ids, calib[0])
 
 
 def test_from_tensors_default_calibration_is_stratified() -> None:
