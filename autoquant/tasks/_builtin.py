@@ -1,19 +1,30 @@
-"""Built-in tasks on real data: digits CNN, MNIST LeNet-5 and CIFAR-10 ResNet-20/32/56."""
+"""Built-in tasks on real data: digits CNN, MNIST LeNet-5 and CIFAR-10 ResNet-20/32/56
+(``sst2-minilm`` lives in ``_nlp``; what they share in ``_common``)."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from autoquant.tasks._datasets import Arrays, load_cifar10, load_digits_arrays, load_mnist32
+from autoquant.tasks._common import (
+    CACHE_VERSION,
+    SUBSETS_VERSION,
+    StateDict,
+    arrays_split,
+    cached_float_accuracy,
+    calib_eval_subsets,
+    load_checkpoint,
+    save_checkpoint,
+    state_factory,
+)
+from autoquant.tasks._datasets import load_cifar10, load_digits_arrays, load_mnist32
 from autoquant.tasks._files import (
     cache_dir,
     cached_artifact,
@@ -24,19 +35,10 @@ from autoquant.tasks._files import (
 )
 from autoquant.tasks._models import CifarResNet, DigitsCNN, LeNet5
 from autoquant.tasks._subsets import stratified_subset
-from autoquant.tasks._task import Task, TensorSplits, _take
+from autoquant.tasks._task import Task, TensorSplits
 from autoquant.train import evaluate, qat_finetune, torch_threads
-from autoquant.transform import Inputs
 
 log = logging.getLogger("autoquant.tasks")
-
-# Bump when a model class, recipe or preprocessing changes: old caches are then ignored.
-CACHE_VERSION = 1
-# Bump when the choice or order of subsets changes. Part of the key of every cache that
-# depends on a subset (float accuracy on an eval subset, the digits model trained on its
-# split); not of the CIFAR fine-tunes, which see the whole train split.
-# 2: stratified, shuffled subsets (were: a seeded choice in index order).
-SUBSETS_VERSION = 2
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 CIFAR_MEAN = (0.485, 0.456, 0.406)
@@ -46,85 +48,6 @@ RESNET_WEIGHTS = {
     32: "weights/resnet32-d509ac18.th",
     56: "weights/resnet56-4bfd9763.th",
 }
-StateDict = dict[str, Tensor]
-
-
-def _check_size(name: str, value: int | None, limit: int) -> int:
-    if value is None:
-        return limit
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value:
-        raise ValueError(
-            f"{name}={value!r} is not allowed; allowed values: None or an integer in [1, {limit}]"
-        )
-    return min(value, limit)
-
-
-_Pair = tuple[Inputs, Tensor]
-
-
-def _arrays_split(data: Arrays, split: str) -> tuple[Tensor, Tensor]:
-    """``(x, y)`` tensors of a data set's ``x_<split>`` / ``y_<split>`` arrays."""
-    return torch.from_numpy(data[f"x_{split}"]), torch.from_numpy(data[f"y_{split}"])
-
-
-def calib_eval_subsets(
-    train: _Pair, test: _Pair, seed: int, calib_size: int | None, eval_size: int | None
-) -> tuple[_Pair, _Pair, np.ndarray]:
-    """``(calib, eval, eval_idx)``: the calibration subset of ``train`` and the evaluation
-    subset of ``test``, each stratified by class and shuffled with ``seed`` (see
-    :func:`stratified_subset`), so that the first batches of either are balanced.
-
-    Every built-in task picks its subsets here; ``eval_idx`` (rows of ``test``, in order)
-    keys the float-accuracy caches.
-    """
-    n_train, n_test = len(train[1]), len(test[1])
-    calib_idx = stratified_subset(
-        train[1].numpy(), _check_size("calib_size", calib_size, n_train), seed + 1
-    )
-    eval_idx = stratified_subset(
-        test[1].numpy(), _check_size("eval_size", eval_size, n_test), seed + 2
-    )
-
-    def rows(pair: _Pair, idx: np.ndarray) -> _Pair:
-        index = torch.from_numpy(idx)
-        return _take(pair[0], index), pair[1][index]
-
-    return rows(train, calib_idx), rows(test, eval_idx), eval_idx
-
-
-def _save_checkpoint(obj: dict[str, Any], f: IO[bytes]) -> None:
-    torch.save(obj, f)
-
-
-def _load_checkpoint(path: Path) -> dict[str, Any]:
-    obj = torch.load(path, weights_only=True, map_location="cpu")
-    if not isinstance(obj, dict) or "state_dict" not in obj or "meta" not in obj:
-        raise ValueError("not an autoquant checkpoint (needs 'state_dict' and 'meta')")
-    return obj
-
-
-def _factory(cls: Callable[[], nn.Module], state: StateDict) -> Callable[[], nn.Module]:
-    def make() -> nn.Module:
-        model = cls()
-        model.load_state_dict(state, strict=True)
-        return model.eval()
-
-    return make
-
-
-def _float_accuracy(task: Task, cache_name: str, config: dict[str, Any]) -> float:
-    """Float accuracy on the task's eval set, cached on disk by configuration."""
-    path = cache_dir() / cache_name / f"float-accuracy-{config_key(config)}.json"
-
-    def build() -> dict[str, Any]:
-        return {
-            "accuracy": evaluate(task.model_factory(), task.eval_batches(), task.metric),
-            "config": config,
-        }
-
-    return float(cached_json(path, build)["accuracy"])
-
-
 # --------------------------------------------------------------------------- digits-cnn
 
 
@@ -216,11 +139,11 @@ def digits_cnn_task(
         return {"state_dict": model.state_dict(), "meta": meta}
 
     path = cache_dir() / "digits-cnn" / f"digits-cnn-{config_key(config)}.pt"
-    ckpt, built = cached_artifact(path, build, _save_checkpoint, _load_checkpoint)
+    ckpt, built = cached_artifact(path, build, save_checkpoint, load_checkpoint)
     meta = ckpt["meta"]
     task = Task(
         name="digits-cnn",
-        model_factory=_factory(DigitsCNN, ckpt["state_dict"]),
+        model_factory=state_factory(DigitsCNN, ckpt["state_dict"]),
         train_batches=splits.train_batches,
         calib_batches=splits.calib_batches,
         eval_batches=splits.eval_batches,
@@ -279,9 +202,9 @@ def mnist_lenet5_task(
     weights = data_file("weights/lenet5_mnist.pt")
     data = load_mnist32()
     state = torch.load(weights, weights_only=True, map_location="cpu")
-    train = _arrays_split(data, "train")
+    train = arrays_split(data, "train")
     calib, evals, eval_idx = calib_eval_subsets(
-        train, _arrays_split(data, "test"), seed, calib_size, eval_size
+        train, arrays_split(data, "test"), seed, calib_size, eval_size
     )
     n_train = len(train[1])
     splits = TensorSplits(
@@ -294,7 +217,7 @@ def mnist_lenet5_task(
     )
     task = Task(
         name="mnist-lenet5",
-        model_factory=_factory(LeNet5, state),
+        model_factory=state_factory(LeNet5, state),
         train_batches=splits.train_batches,
         calib_batches=splits.calib_batches,
         eval_batches=splits.eval_batches,
@@ -307,7 +230,7 @@ def mnist_lenet5_task(
             "weights": str(weights),
         },
     )
-    task.float_accuracy = _float_accuracy(
+    task.float_accuracy = cached_float_accuracy(
         task,
         "mnist-lenet5",
         {
@@ -344,7 +267,7 @@ def _cifar_augment(x: Tensor, gen: torch.Generator) -> Tensor:
 
 
 def _resnet_factory(depth: int, state: StateDict) -> Callable[[], nn.Module]:
-    return _factory(lambda: CifarResNet(depth), state)
+    return state_factory(lambda: CifarResNet(depth), state)
 
 
 def cifar10_resnet_task(
@@ -403,7 +326,7 @@ def cifar10_resnet_task(
     name = f"cifar10-resnet{depth}"
     weights = data_file(RESNET_WEIGHTS[depth])
     data = load_cifar10()
-    train, test = _arrays_split(data, "train"), _arrays_split(data, "test")
+    train, test = arrays_split(data, "train"), arrays_split(data, "test")
     calib, evals, eval_idx = calib_eval_subsets(train, test, seed, calib_size, eval_size)
     n_train, n_test = len(train[1]), len(test[1])
     splits = TensorSplits(
@@ -512,7 +435,7 @@ def cifar10_resnet_task(
             }
 
         path = cache_dir() / name / f"{name}-finetuned-{config_key(ft_config)}.pt"
-        ft, built = cached_artifact(path, build, _save_checkpoint, _load_checkpoint)
+        ft, built = cached_artifact(path, build, save_checkpoint, load_checkpoint)
         state = ft["state_dict"]
         info.update(
             accuracy_after_finetune=float(ft["meta"]["accuracy_after_finetune"]),
@@ -539,7 +462,7 @@ def cifar10_resnet_task(
     if len(eval_idx) == n_test:
         task.float_accuracy = full_acc
     else:
-        task.float_accuracy = _float_accuracy(
+        task.float_accuracy = cached_float_accuracy(
             task,
             name,
             {

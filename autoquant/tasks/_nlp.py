@@ -28,13 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from autoquant.tasks._builtin import (
+from autoquant.tasks._common import (
     CACHE_VERSION,
     SUBSETS_VERSION,
-    _float_accuracy,
-    _load_checkpoint,
-    _save_checkpoint,
+    cached_float_accuracy,
     calib_eval_subsets,
+    load_checkpoint,
+    save_checkpoint,
 )
 from autoquant.tasks._datasets import Arrays, _load_npz, _save_npz
 from autoquant.tasks._files import cache_dir, cached_artifact, config_key, data_file, file_sha256
@@ -367,7 +367,7 @@ def sst2_minilm_task(
         return {"state_dict": head.state_dict(), "meta": meta}
 
     path = cache_dir() / "sst2-minilm" / f"sst2-minilm-head-{config_key(head_config)}.pt"
-    ckpt, built = cached_artifact(path, build, _save_checkpoint, _load_checkpoint)
+    ckpt, built = cached_artifact(path, build, save_checkpoint, load_checkpoint)
     head_state = ckpt["state_dict"]
     meta = ckpt["meta"]
 
@@ -401,7 +401,7 @@ def sst2_minilm_task(
     )
     # Always measured through the model at length L (the features above were computed on
     # trimmed batches: equal up to float rounding, which could flip a borderline sentence).
-    task.float_accuracy = _float_accuracy(
+    task.float_accuracy = cached_float_accuracy(
         task,
         "sst2-minilm",
         {

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from autoquant.tasks import BUILTIN_TASKS, Task, stratified_subset
-from autoquant.tasks._builtin import calib_eval_subsets
+from autoquant.tasks._common import calib_eval_subsets
 
 CALIB_BATCH, CALIB_BATCHES = 64, 4  # the study defaults: [qat] batch_size, calib_batches
 
