@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from autoquant.tasks import (
+    CACHE_ENV,
     DATA_ENV,
     NLP_EXTRA,
     BertClassifier,
@@ -166,10 +167,13 @@ def test_missing_sst2_data_names_file_and_setting(
 
 
 def test_tokens_are_padded_to_the_99th_percentile(
-    tmp_cache: Path, require_data: Callable[[str], Path]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, require_data: Callable[[str], Path]
 ) -> None:
     from transformers import AutoTokenizer
 
+    # A fresh cache for this test only (the module-scoped tmp_cache would also send the later
+    # tests of this module to an empty cache, and the head costs minutes to rebuild).
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     train = require_data("sst2/stsa.binary.train")
     tokens = load_sst2_tokens()
     length = int(tokens["max_length"])
