@@ -1,9 +1,12 @@
 """autoquant.tasks: a pretrained model with its data, loss and metric, as a :class:`Task`.
 
 Built-in tasks use real data and weights found through ``AUTOQUANT_DATA`` (see
-:func:`data_dir`); derived artifacts (trained or fine-tuned weights, decoded images) are
-cached under ``AUTOQUANT_CACHE`` (see :func:`cache_dir`). Bring your own task with an
-import path ``"package.module:function"`` returning a :class:`Task`.
+:func:`data_dir`; ``sst2-minilm`` also needs the ``nlp`` extra for its encoder); derived
+artifacts (trained or fine-tuned weights, decoded images, token arrays) are cached under
+``AUTOQUANT_CACHE`` (see :func:`cache_dir`). Calibration and evaluation subsets are
+stratified by class and shuffled (:func:`stratified_subset`), so any prefix is balanced.
+Bring your own task with an import path ``"package.module:function"`` returning a
+:class:`Task`.
 
 Example:
     >>> from autoquant.tasks import get_task
@@ -21,16 +24,41 @@ from autoquant.tasks._files import (
     CACHE_ENV,
     DATA_ENV,
     DataIntegrityError,
+    MissingDataError,
     cache_dir,
     data_dir,
     data_file,
 )
-from autoquant.tasks._models import BasicBlock, CifarResNet, DigitsCNN, LeNet5, PadShortcut
+from autoquant.tasks._models import (
+    BasicBlock,
+    BertClassifier,
+    CifarResNet,
+    DigitsCNN,
+    LeNet5,
+    PadShortcut,
+)
+from autoquant.tasks._nlp import (
+    NLP_EXTRA,
+    NLP_INSTALL,
+    MissingExtraError,
+    load_sst2_tokens,
+    require_nlp,
+    sst2_minilm_task,
+)
 from autoquant.tasks._registry import BUILTIN_TASKS, TaskError, get_task
+from autoquant.tasks._subsets import stratified_subset
 from autoquant.tasks._task import Batch, Task, TensorSplits
 
 __all__ = [
     "BUILTIN_TASKS",
+    "NLP_EXTRA",
+    "NLP_INSTALL",
+    "BertClassifier",
+    "MissingDataError",
+    "MissingExtraError",
+    "load_sst2_tokens",
+    "require_nlp",
+    "sst2_minilm_task",
     "CACHE_ENV",
     "CIFAR10_CLASSES",
     "DATA_ENV",
@@ -53,4 +81,5 @@ __all__ = [
     "load_cifar10",
     "load_mnist32",
     "mnist_lenet5_task",
+    "stratified_subset",
 ]

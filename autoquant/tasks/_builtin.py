@@ -1,19 +1,30 @@
-"""Built-in tasks on real data: digits CNN, MNIST LeNet-5 and CIFAR-10 ResNet-20/32/56."""
+"""Built-in tasks on real data: digits CNN, MNIST LeNet-5 and CIFAR-10 ResNet-20/32/56
+(``sst2-minilm`` lives in ``_nlp``; what they share in ``_common``)."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from autoquant.tasks._datasets import Arrays, load_cifar10, load_digits_arrays, load_mnist32
+from autoquant.tasks._common import (
+    CACHE_VERSION,
+    SUBSETS_VERSION,
+    StateDict,
+    arrays_split,
+    cached_float_accuracy,
+    calib_eval_subsets,
+    load_checkpoint,
+    save_checkpoint,
+    state_factory,
+)
+from autoquant.tasks._datasets import load_cifar10, load_digits_arrays, load_mnist32
 from autoquant.tasks._files import (
     cache_dir,
     cached_artifact,
@@ -23,13 +34,11 @@ from autoquant.tasks._files import (
     file_sha256,
 )
 from autoquant.tasks._models import CifarResNet, DigitsCNN, LeNet5
+from autoquant.tasks._subsets import stratified_subset
 from autoquant.tasks._task import Task, TensorSplits
 from autoquant.train import evaluate, qat_finetune, torch_threads
 
 log = logging.getLogger("autoquant.tasks")
-
-# Bump when a model class, recipe or preprocessing changes: old caches are then ignored.
-CACHE_VERSION = 1
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 CIFAR_MEAN = (0.485, 0.456, 0.406)
@@ -39,82 +48,6 @@ RESNET_WEIGHTS = {
     32: "weights/resnet32-d509ac18.th",
     56: "weights/resnet56-4bfd9763.th",
 }
-StateDict = dict[str, Tensor]
-
-
-def _check_size(name: str, value: int | None, limit: int) -> int:
-    if value is None:
-        return limit
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value:
-        raise ValueError(
-            f"{name}={value!r} is not allowed; allowed values: None or an integer in [1, {limit}]"
-        )
-    return min(value, limit)
-
-
-def _subset(n: int, size: int, seed: int) -> np.ndarray:
-    """``size`` of ``range(n)`` chosen with ``seed``, in ascending order (all if size >= n)."""
-    if size >= n:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).permutation(n)[:size])
-
-
-_Pair = tuple[Tensor, Tensor]
-
-
-def _train_test_subsets(
-    data: Arrays, seed: int, calib_size: int | None, eval_size: int | None
-) -> tuple[_Pair, _Pair, _Pair, _Pair, np.ndarray]:
-    """``(train, calib, eval, test, eval_idx)`` of a data set's ``x_train``/``y_train`` and
-    ``x_test``/``y_test`` arrays as ``(x, y)`` tensors: calibration drawn from the training
-    split and evaluation from the test split, with ``seed``."""
-    n_train, n_test = len(data["y_train"]), len(data["y_test"])
-    calib_idx = _subset(n_train, _check_size("calib_size", calib_size, n_train), seed + 1)
-    eval_idx = _subset(n_test, _check_size("eval_size", eval_size, n_test), seed + 2)
-    x_train, y_train = torch.from_numpy(data["x_train"]), torch.from_numpy(data["y_train"])
-    x_test, y_test = torch.from_numpy(data["x_test"]), torch.from_numpy(data["y_test"])
-    return (
-        (x_train, y_train),
-        (x_train[calib_idx], y_train[calib_idx]),
-        (x_test[eval_idx], y_test[eval_idx]),
-        (x_test, y_test),
-        eval_idx,
-    )
-
-
-def _save_checkpoint(obj: dict[str, Any], f: IO[bytes]) -> None:
-    torch.save(obj, f)
-
-
-def _load_checkpoint(path: Path) -> dict[str, Any]:
-    obj = torch.load(path, weights_only=True, map_location="cpu")
-    if not isinstance(obj, dict) or "state_dict" not in obj or "meta" not in obj:
-        raise ValueError("not an autoquant checkpoint (needs 'state_dict' and 'meta')")
-    return obj
-
-
-def _factory(cls: Callable[[], nn.Module], state: StateDict) -> Callable[[], nn.Module]:
-    def make() -> nn.Module:
-        model = cls()
-        model.load_state_dict(state, strict=True)
-        return model.eval()
-
-    return make
-
-
-def _float_accuracy(task: Task, cache_name: str, config: dict[str, Any]) -> float:
-    """Float accuracy on the task's eval set, cached on disk by configuration."""
-    path = cache_dir() / cache_name / f"float-accuracy-{config_key(config)}.json"
-
-    def build() -> dict[str, Any]:
-        return {
-            "accuracy": evaluate(task.model_factory(), task.eval_batches(), task.metric),
-            "config": config,
-        }
-
-    return float(cached_json(path, build)["accuracy"])
-
-
 # --------------------------------------------------------------------------- digits-cnn
 
 
@@ -131,7 +64,9 @@ def digits_cnn_task(
     """Small CNN on scikit-learn's 8×8 digits; trained on first use (seconds) and cached.
 
     The 1797 images are split with ``seed`` into train and a held-out test split
-    (``test_fraction``); calibration samples come from train. Training is deterministic
+    (``test_fraction``, stratified by class); calibration samples come from train. The
+    calibration and evaluation subsets are stratified by class and shuffled, so that any
+    prefix of them is balanced. Training is deterministic
     (seeded init and batch order, Adam with cosine decay).
 
     Args:
@@ -152,27 +87,22 @@ def digits_cnn_task(
         raise ValueError(f"test_fraction={test_fraction!r} is not allowed; allowed values: (0, 1)")
     x_all, y_all = load_digits_arrays()
     n = len(x_all)
-    perm = np.random.default_rng(seed).permutation(n)
     n_test = round(test_fraction * n)
-    test_idx, train_idx = np.sort(perm[:n_test]), np.sort(perm[n_test:])
-    calib_idx = train_idx[
-        _subset(len(train_idx), _check_size("calib_size", calib_size, len(train_idx)), seed + 1)
-    ]
-    eval_idx = test_idx[_subset(n_test, _check_size("eval_size", eval_size, n_test), seed + 2)]
+    test_idx = np.sort(stratified_subset(y_all, n_test, seed))
+    train_idx = np.setdiff1d(np.arange(n), test_idx)  # sorted; train_batches shuffles
 
     def t(idx: np.ndarray) -> tuple[Tensor, Tensor]:
         return torch.from_numpy(x_all[idx]), torch.from_numpy(y_all[idx])
 
+    train, test = t(train_idx), t(test_idx)
+    calib, evals, eval_idx = calib_eval_subsets(train, test, seed, calib_size, eval_size)
     splits = TensorSplits(
-        t(train_idx),
-        t(calib_idx),
-        t(eval_idx),
-        batch_size=batch_size,
-        eval_batch_size=eval_batch_size,
+        train, calib, evals, batch_size=batch_size, eval_batch_size=eval_batch_size
     )
-    test_splits = TensorSplits(t(train_idx), t(calib_idx), t(test_idx))
+    test_splits = TensorSplits(train, calib, test)
     config = {
         "version": CACHE_VERSION,
+        "subsets": SUBSETS_VERSION,  # the split decides the training data
         "seed": seed,
         "test_fraction": test_fraction,
         "epochs": train_epochs,
@@ -209,11 +139,11 @@ def digits_cnn_task(
         return {"state_dict": model.state_dict(), "meta": meta}
 
     path = cache_dir() / "digits-cnn" / f"digits-cnn-{config_key(config)}.pt"
-    ckpt, built = cached_artifact(path, build, _save_checkpoint, _load_checkpoint)
+    ckpt, built = cached_artifact(path, build, save_checkpoint, load_checkpoint)
     meta = ckpt["meta"]
     task = Task(
         name="digits-cnn",
-        model_factory=_factory(DigitsCNN, ckpt["state_dict"]),
+        model_factory=state_factory(DigitsCNN, ckpt["state_dict"]),
         train_batches=splits.train_batches,
         calib_batches=splits.calib_batches,
         eval_batches=splits.eval_batches,
@@ -221,7 +151,7 @@ def digits_cnn_task(
         loss_fn=F.cross_entropy,
         info={
             "train_size": len(train_idx),
-            "calib_size": len(calib_idx),
+            "calib_size": len(calib[1]),
             "eval_size": len(eval_idx),
             "test_accuracy": meta["test_accuracy"],
             "train_seconds": meta["train_seconds"],
@@ -272,7 +202,10 @@ def mnist_lenet5_task(
     weights = data_file("weights/lenet5_mnist.pt")
     data = load_mnist32()
     state = torch.load(weights, weights_only=True, map_location="cpu")
-    train, calib, evals, _, eval_idx = _train_test_subsets(data, seed, calib_size, eval_size)
+    train = arrays_split(data, "train")
+    calib, evals, eval_idx = calib_eval_subsets(
+        train, arrays_split(data, "test"), seed, calib_size, eval_size
+    )
     n_train = len(train[1])
     splits = TensorSplits(
         train,
@@ -284,7 +217,7 @@ def mnist_lenet5_task(
     )
     task = Task(
         name="mnist-lenet5",
-        model_factory=_factory(LeNet5, state),
+        model_factory=state_factory(LeNet5, state),
         train_batches=splits.train_batches,
         calib_batches=splits.calib_batches,
         eval_batches=splits.eval_batches,
@@ -297,11 +230,12 @@ def mnist_lenet5_task(
             "weights": str(weights),
         },
     )
-    task.float_accuracy = _float_accuracy(
+    task.float_accuracy = cached_float_accuracy(
         task,
         "mnist-lenet5",
         {
             "version": CACHE_VERSION,
+            "subsets": SUBSETS_VERSION,
             "weights": file_sha256(weights),
             "eval": config_key({"indices": eval_idx.tolist()}),
         },
@@ -333,7 +267,7 @@ def _cifar_augment(x: Tensor, gen: torch.Generator) -> Tensor:
 
 
 def _resnet_factory(depth: int, state: StateDict) -> Callable[[], nn.Module]:
-    return _factory(lambda: CifarResNet(depth), state)
+    return state_factory(lambda: CifarResNet(depth), state)
 
 
 def cifar10_resnet_task(
@@ -392,7 +326,8 @@ def cifar10_resnet_task(
     name = f"cifar10-resnet{depth}"
     weights = data_file(RESNET_WEIGHTS[depth])
     data = load_cifar10()
-    train, calib, evals, test, eval_idx = _train_test_subsets(data, seed, calib_size, eval_size)
+    train, test = arrays_split(data, "train"), arrays_split(data, "test")
+    calib, evals, eval_idx = calib_eval_subsets(train, test, seed, calib_size, eval_size)
     n_train, n_test = len(train[1]), len(test[1])
     splits = TensorSplits(
         train,
@@ -500,7 +435,7 @@ def cifar10_resnet_task(
             }
 
         path = cache_dir() / name / f"{name}-finetuned-{config_key(ft_config)}.pt"
-        ft, built = cached_artifact(path, build, _save_checkpoint, _load_checkpoint)
+        ft, built = cached_artifact(path, build, save_checkpoint, load_checkpoint)
         state = ft["state_dict"]
         info.update(
             accuracy_after_finetune=float(ft["meta"]["accuracy_after_finetune"]),
@@ -527,7 +462,13 @@ def cifar10_resnet_task(
     if len(eval_idx) == n_test:
         task.float_accuracy = full_acc
     else:
-        task.float_accuracy = _float_accuracy(
-            task, name, {"model": state_key, "eval": config_key({"indices": eval_idx.tolist()})}
+        task.float_accuracy = cached_float_accuracy(
+            task,
+            name,
+            {
+                "model": state_key,
+                "subsets": SUBSETS_VERSION,
+                "eval": config_key({"indices": eval_idx.tolist()}),
+            },
         )
     return task

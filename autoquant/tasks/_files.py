@@ -39,6 +39,10 @@ class DataIntegrityError(ValueError):
     """A data file does not match its entry in ``SHA256SUMS``."""
 
 
+class MissingDataError(FileNotFoundError):
+    """A data file is not in the data folder (the message names it and ``AUTOQUANT_DATA``)."""
+
+
 def data_dir() -> Path:
     """The folder holding the real data sets and weights.
 
@@ -118,7 +122,8 @@ def data_file(relpath: str) -> Path:
         relpath: path relative to the data folder, e.g. ``"weights/lenet5_mnist.pt"``.
 
     Raises:
-        FileNotFoundError: the file is missing; the message names it and ``AUTOQUANT_DATA``.
+        MissingDataError: (a ``FileNotFoundError``) the file is missing; the message names it
+            and ``AUTOQUANT_DATA``.
         DataIntegrityError: the file's SHA-256 differs from its ``SHA256SUMS`` entry.
 
     Example:
@@ -128,7 +133,7 @@ def data_file(relpath: str) -> Path:
     root = data_dir()
     path = root / relpath
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingDataError(
             f"{relpath} not found in {root} (set {DATA_ENV} to the folder holding it)"
         )
     expected = _expected_sums(root).get(relpath)

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+# Additive attention bias on padded keys: exp(-1e4 + score) is exactly 0 in float32, and the
+# value stays in float16's range (BERT's original choice; Hugging Face uses finfo.min).
+MASK_BIAS = -1e4
 
 
 class DigitsCNN(nn.Module):
@@ -165,3 +170,56 @@ class CifarResNet(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.layer3(self.layer2(self.layer1(out)))
         return self.linear(self.pool(out).flatten(1))
+
+
+class BertClassifier(nn.Module):
+    """A Hugging Face ``BertModel`` encoder, mean pooling over the attention mask, a linear head.
+
+    ``forward(input_ids, attention_mask)`` takes int64 ``[B, L]`` tensors and returns logits
+    ``[B, num_labels]``. It runs the encoder's own submodules (``bert.embeddings``, then each
+    of ``bert.encoder.layer``) with an additive mask built here, rather than
+    ``BertModel.forward``, whose mask utilities branch on tensor values and cannot be traced;
+    the hidden states equal ``BertModel(...).last_hidden_state`` (tested). Position and
+    token-type ids are derived from ``input_ids``, so any length up to the model's maximum
+    works. The Linear and Embedding layers are ordinary submodules (``bert.encoder.layer.0.
+    attention.self.query``, ..., ``head``), so a plan can name them.
+
+    Args:
+        bert: a ``transformers.BertModel`` (pooling layer unused; build it without one).
+        num_labels: classes of the head.
+
+    Example:
+        >>> from transformers import BertConfig, BertModel  # doctest: +SKIP
+        >>> cfg = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        ...                  intermediate_size=64)  # doctest: +SKIP
+        >>> model = BertClassifier(BertModel(cfg, add_pooling_layer=False))  # doctest: +SKIP
+        >>> ids = torch.tensor([[101, 2307, 102, 0]])  # doctest: +SKIP
+        >>> model(ids, (ids > 0).long()).shape  # doctest: +SKIP
+        torch.Size([1, 2])
+    """
+
+    def __init__(self, bert: nn.Module, num_labels: int = 2) -> None:
+        super().__init__()
+        self.bert = bert
+        self.head = nn.Linear(bert.config.hidden_size, num_labels)
+
+    def features(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """The mean of the last hidden states over unmasked tokens, ``[B, hidden]``."""
+        # cumsum, not arange(L): traceable without reading the length as a Python int.
+        position_ids = torch.cumsum(torch.ones_like(input_ids), 1) - 1
+        h = self.bert.embeddings(
+            input_ids=input_ids,
+            token_type_ids=torch.zeros_like(input_ids),
+            position_ids=position_ids,
+        )
+        keep = attention_mask.to(h.dtype)
+        bias = (1.0 - keep[:, None, None, :]) * MASK_BIAS
+        for layer in self.bert.encoder.layer:
+            h = layer(h, bias)
+            if isinstance(h, tuple):  # transformers 4.x layers return (hidden, ...)
+                h = h[0]
+        weights = keep.unsqueeze(-1)
+        return (h * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.head(self.features(input_ids, attention_mask))

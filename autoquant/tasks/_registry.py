@@ -9,6 +9,7 @@ from functools import partial
 from typing import Any
 
 from autoquant.tasks._builtin import cifar10_resnet_task, digits_cnn_task, mnist_lenet5_task
+from autoquant.tasks._nlp import sst2_minilm_task
 from autoquant.tasks._task import Task
 
 
@@ -22,6 +23,7 @@ BUILTIN_TASKS: dict[str, Callable[..., Task]] = {
     "cifar10-resnet20": partial(cifar10_resnet_task, 20),
     "cifar10-resnet32": partial(cifar10_resnet_task, 32),
     "cifar10-resnet56": partial(cifar10_resnet_task, 56),
+    "sst2-minilm": sst2_minilm_task,  # needs the nlp extra
 }
 _IMPORT_FORM = "an import path 'package.module:function' whose function returns a Task"
 
@@ -69,14 +71,15 @@ def get_task(name: str, **options: Any) -> Task:
 
     Args:
         name: one of :data:`BUILTIN_TASKS` (``digits-cnn``, ``mnist-lenet5``,
-            ``cifar10-resnet20/32/56``) or ``"package.module:function"``; the function is
-            called with ``options`` and must return a :class:`Task`.
+            ``cifar10-resnet20/32/56``, ``sst2-minilm``) or ``"package.module:function"``;
+            the function is called with ``options`` and must return a :class:`Task`.
         **options: task options, e.g. ``eval_size``, ``calib_size``, ``batch_size``,
             ``seed``, ``finetune_epochs``.
 
     Raises:
         TaskError: unknown name, import failure, unknown option, or not a Task returned.
         FileNotFoundError: a data file is missing (names it and ``AUTOQUANT_DATA``).
+        MissingExtraError: the task needs an optional extra (``sst2-minilm``: ``nlp``).
 
     Example:
         >>> task = get_task("digits-cnn", eval_size=200)  # doctest: +SKIP

@@ -6,18 +6,22 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from autoquant.tasks._subsets import stratified_subset
 from autoquant.train import METRICS, evaluate
+from autoquant.transform import Inputs, as_tuple, map_inputs
 
-Batch = tuple[Tensor, Tensor]
+#: ``(inputs, targets)``: inputs are one tensor or a tuple of tensors (token ids, mask, ...).
+Batch = tuple[Inputs, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 #: Turns stored samples (e.g. uint8 images) into model inputs.
-Preprocess = Callable[[Tensor], Tensor]
+Preprocess = Callable[[Inputs], Inputs]
 #: Random training augmentation on stored samples, drawing from the given generator.
-Augment = Callable[[Tensor, torch.Generator], Tensor]
+Augment = Callable[[Inputs, torch.Generator], Inputs]
 
 
 @dataclass
@@ -34,7 +38,7 @@ class Task:
         eval_batches: ``eval_batches(batch_size=None)`` -> list of ``(x, y)`` from the
             held-out split, never seen in training or calibration.
         example_input: ``example_input(batch_size=1)`` -> a real input batch (for tracing,
-            export and latency).
+            export and latency): a tensor, or a tuple of tensors for multi-input models.
         loss_fn: ``loss_fn(model(x), y)`` -> scalar loss matching the model's output.
         metric: accuracy metric for :func:`autoquant.train.evaluate` (``"top1"``).
         float_accuracy: the float model's metric on ``eval_batches``, or None if unknown
@@ -56,7 +60,7 @@ class Task:
     train_batches: Callable[..., Iterator[Batch]]
     calib_batches: Callable[..., list[Batch]]
     eval_batches: Callable[..., list[Batch]]
-    example_input: Callable[..., Tensor]
+    example_input: Callable[..., Inputs]
     loss_fn: LossFn = F.cross_entropy
     metric: str = "top1"
     float_accuracy: float | None = None
@@ -97,9 +101,9 @@ class Task:
         name: str,
         model_factory: Callable[[], nn.Module],
         *,
-        train: tuple[Tensor, Tensor],
-        eval: tuple[Tensor, Tensor],
-        calib: tuple[Tensor, Tensor] | None = None,
+        train: tuple[Inputs, Tensor],
+        eval: tuple[Inputs, Tensor],
+        calib: tuple[Inputs, Tensor] | None = None,
         calib_size: int = 256,
         preprocess: Preprocess | None = None,
         augment: Augment | None = None,
@@ -116,10 +120,12 @@ class Task:
         Args:
             name: task name.
             model_factory: returns a fresh pretrained float model (eval mode).
-            train: training split (stored form: what ``preprocess`` takes).
+            train: training split ``(inputs, targets)``, in stored form (what ``preprocess``
+                takes); inputs are a tensor or a tuple of tensors with one row per target.
             eval: held-out split; must not overlap ``train``.
             calib: calibration split; default: ``calib_size`` samples of ``train`` picked
-                with ``seed``.
+                with ``seed``, stratified by class (1-D targets) and shuffled, so that any
+                prefix of it (the first calibration batches) is balanced.
             calib_size: size of the default calibration subset.
             preprocess: stored samples -> model inputs, applied per batch (default identity).
             augment: random augmentation of stored training samples (training only).
@@ -140,10 +146,9 @@ class Task:
             3
         """
         if calib is None:
-            n = len(train[0])
-            gen = torch.Generator().manual_seed(seed)
-            idx = torch.randperm(n, generator=gen)[: min(calib_size, n)].sort().values
-            calib = (train[0][idx], train[1][idx])
+            x, y = _check_pair("train", train)
+            idx = torch.from_numpy(_calib_indices(y, calib_size, seed))
+            calib = (_take(x, idx), y[idx])
         splits = TensorSplits(
             train,
             calib,
@@ -153,7 +158,11 @@ class Task:
             batch_size=batch_size,
             eval_batch_size=eval_batch_size,
         )
-        meta = {"train_size": len(train[0]), "calib_size": len(calib[0]), "eval_size": len(eval[0])}
+        meta = {
+            "train_size": len(splits.train[1]),
+            "calib_size": len(splits.calib[1]),
+            "eval_size": len(splits.eval[1]),
+        }
         return cls(
             name=name,
             model_factory=model_factory,
@@ -168,12 +177,35 @@ class Task:
         )
 
 
-def _check_pair(name: str, pair: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+def _calib_indices(y: Tensor, size: int, seed: int) -> np.ndarray:
+    """The default calibration subset: stratified by class for 1-D targets, else shuffled."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"calib_size={size!r} is not allowed; allowed values: an integer >= 1")
+    if y.ndim == 1:
+        return stratified_subset(y.numpy(), size, seed)
+    return np.random.default_rng(seed).permutation(len(y))[:size]
+
+
+def _take(x: Inputs, idx: Tensor | slice) -> Inputs:
+    """Rows ``idx`` of every input tensor, in the same form."""
+    return map_inputs(x, lambda t: t[idx])
+
+
+def _check_pair(name: str, pair: tuple[Inputs, Tensor]) -> tuple[Inputs, Tensor]:
     if not isinstance(pair, (tuple, list)) or len(pair) != 2:
         raise ValueError(f"{name} must be a pair (inputs, targets)")
-    x, y = (torch.as_tensor(t) for t in pair)
-    if len(x) != len(y) or len(x) == 0:
-        raise ValueError(f"{name} needs as many inputs as targets (> 0); got {len(x)} and {len(y)}")
+    raw_x, raw_y = pair
+    if isinstance(raw_x, (tuple, list)):
+        x: Inputs = as_tuple(tuple(torch.as_tensor(t) for t in raw_x))
+    else:
+        x = torch.as_tensor(raw_x)
+    y = torch.as_tensor(raw_y)
+    lengths = [len(t) for t in as_tuple(x)]
+    if len(set(lengths)) != 1 or lengths[0] != len(y) or len(y) == 0:
+        raise ValueError(
+            f"{name} needs as many rows in every input as targets (> 0); got inputs "
+            f"{lengths} and {len(y)} targets"
+        )
     return x, y.long()
 
 
@@ -187,14 +219,17 @@ class TensorSplits:
     """Batching over stored train / calib / eval tensors (preprocessed per batch).
 
     Stored samples stay in their compact form (e.g. uint8 images); ``preprocess`` runs per
-    batch. Calibration and evaluation batches are built once per batch size and reused.
+    batch. Inputs are one tensor or a tuple of tensors (token ids and attention mask), each
+    with one row per target. Calibration and evaluation batches are built once per batch size
+    and reused, in stored order: store them in a balanced order (see
+    :func:`~autoquant.tasks.stratified_subset`) so that a prefix is a fair sample.
     """
 
     def __init__(
         self,
-        train: tuple[Tensor, Tensor],
-        calib: tuple[Tensor, Tensor],
-        eval: tuple[Tensor, Tensor],
+        train: tuple[Inputs, Tensor],
+        calib: tuple[Inputs, Tensor],
+        eval: tuple[Inputs, Tensor],
         *,
         preprocess: Preprocess | None = None,
         augment: Augment | None = None,
@@ -213,16 +248,16 @@ class TensorSplits:
     def train_batches(self, batch_size: int | None = None, seed: int = 0) -> Iterator[Batch]:
         """Infinite iterator of shuffled, augmented training batches (full batches only)."""
         bs = _check_batch_size("batch_size", self.batch_size if batch_size is None else batch_size)
-        return self._train_iter(min(bs, len(self.train[0])), seed)
+        return self._train_iter(min(bs, len(self.train[1])), seed)
 
     def _train_iter(self, bs: int, seed: int) -> Iterator[Batch]:
         x, y = self.train
         gen = torch.Generator().manual_seed(seed)
         while True:
-            perm = torch.randperm(len(x), generator=gen)
-            for i in range(0, len(x) - bs + 1, bs):
+            perm = torch.randperm(len(y), generator=gen)
+            for i in range(0, len(y) - bs + 1, bs):
                 idx = perm[i : i + bs]
-                xb = x[idx]
+                xb = _take(x, idx)
                 if self.augment is not None:
                     xb = self.augment(xb, gen)
                 yield self.preprocess(xb), y[idx]
@@ -234,7 +269,8 @@ class TensorSplits:
             self._memo = {k: v for k, v in self._memo.items() if k[0] != which}
             x, y = getattr(self, which)
             self._memo[key] = [
-                (self.preprocess(x[i : i + bs]), y[i : i + bs]) for i in range(0, len(x), bs)
+                (self.preprocess(_take(x, slice(i, i + bs))), y[i : i + bs])
+                for i in range(0, len(y), bs)
             ]
         return list(self._memo[key])
 
@@ -252,9 +288,9 @@ class TensorSplits:
         )
         return self._batches("eval", bs)
 
-    def example_input(self, batch_size: int = 1) -> Tensor:
+    def example_input(self, batch_size: int = 1) -> Inputs:
         """The first ``batch_size`` calibration inputs (cycled if fewer are stored)."""
         bs = _check_batch_size("batch_size", batch_size)
-        x = self.calib[0]
-        idx = torch.arange(bs) % len(x)
-        return self.preprocess(x[idx])
+        x, y = self.calib
+        idx = torch.arange(bs) % len(y)
+        return self.preprocess(_take(x, idx))

@@ -1,3 +1,5 @@
+"""Fixtures of the task tests (missing data and extras: see the root ``tests/conftest.py``)."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator

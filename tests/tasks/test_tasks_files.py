@@ -3,6 +3,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -117,3 +118,35 @@ def test_concurrent_builders_build_once(tmp_path: Path) -> None:
     assert c.builds == 1
     assert sorted(r[1] for r in results) == [False, False, False, True]
     assert {r[0] for r in results} == {"value1"}
+
+
+def _outcome(fn: Callable[[], object]) -> tuple[str, str]:
+    """What a test calling ``fn`` would end with (skip and fail are caught, not raised)."""
+    try:
+        fn()
+    except pytest.skip.Exception as exc:
+        return "skip", str(exc)
+    except pytest.fail.Exception as exc:
+        return "fail", str(exc)
+    except FileNotFoundError as exc:
+        return "error", str(exc)
+    return "pass", ""
+
+
+def test_missing_data_skips_or_fails_under_require_data(
+    built_task: Callable[..., object], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(DATA_ENV, str(tmp_path))
+    monkeypatch.delenv("AUTOQUANT_REQUIRE_DATA", raising=False)
+    kind, msg = _outcome(lambda: built_task("mnist-lenet5"))
+    assert kind == "skip" and "lenet5_mnist.pt not found" in msg and DATA_ENV in msg
+    monkeypatch.setenv("AUTOQUANT_REQUIRE_DATA", "1")
+    kind, msg = _outcome(lambda: built_task("mnist-lenet5"))
+    assert kind == "fail" and "lenet5_mnist.pt" in msg and "AUTOQUANT_REQUIRE_DATA=1" in msg
+    # Any other FileNotFoundError is a bug, never a skip.
+    (tmp_path / "aq_broken_task.py").write_text(
+        "def make():\n    raise FileNotFoundError('not a data file')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("AUTOQUANT_REQUIRE_DATA")
+    assert _outcome(lambda: built_task("aq_broken_task:make")) == ("error", "not a data file")

@@ -50,6 +50,7 @@ def test_unknown_name_lists_builtins_and_import_form() -> None:
         "cifar10-resnet20",
         "cifar10-resnet32",
         "cifar10-resnet56",
+        "sst2-minilm",
     }
 
 
