@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from torch import nn
+from torch import Tensor, nn
 
 _LAYOUTS = ("as_is", "transposed", "transB")
 
@@ -50,6 +50,9 @@ class OnnxOp:
             unless the Gemm's ``transB`` attribute is set).
         float_output: ONNX Runtime's integer kernel for it may keep a float output (QGemm,
             MatMulIntegerToFloat), so the output needs no calibrated grid.
+        lookup: the op selects rows of the weight by its data input (``Gather``): the integer
+            codes, scales and zero-points are gathered and only the rows read are dequantized
+            (``(q - zp) * scale``, exact), instead of the whole table on every run.
     """
 
     op_type: str
@@ -58,12 +61,18 @@ class OnnxOp:
     bias_input: int | None = 2
     layout: str = "as_is"
     float_output: bool = False
+    lookup: bool = False
 
     def __post_init__(self) -> None:
         if self.layout not in _LAYOUTS:
             raise ValueError(
                 f"layout={self.layout!r} is not allowed; allowed values: {', '.join(_LAYOUTS)}"
             )
+
+
+#: Given a torch.ao quantized module with its weight set, a function computing the layer's float
+#: output from its float input and the input grid (scale, zero-point), on integer kernels.
+FloatOutput = Callable[[nn.Module], Callable[[Tensor, float, int], Tensor]]
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,7 @@ class LayerDeployment:
     x86: Callable[[nn.Module], nn.Module | None] | None = None
     integer_kernel: bool = True
     input_rank: int | None = None
+    x86_float_output: FloatOutput | None = None
 
     def onnx_op(self, op_type: str) -> OnnxOp | None:
         """The declaration of ``op_type``, if this type exports to it."""
@@ -91,6 +101,7 @@ def register_deployment(
     x86: Callable[[nn.Module], nn.Module | None] | None = None,
     integer_kernel: bool = True,
     input_rank: int | None = None,
+    x86_float_output: FloatOutput | None = None,
 ) -> LayerDeployment:
     """Declare how ``float_type`` layers deploy (replacing an earlier declaration).
 
@@ -99,12 +110,16 @@ def register_deployment(
         onnx: the ONNX ops its TorchScript export gives, e.g. a Linear exports as ``Gemm``
             (2-D input) or ``MatMul`` + ``Add`` (other ranks).
         x86: builds an empty ``torch.ao.nn.quantized`` module from a float layer (weights are
-            set by the backend), or returns None where x86 has no kernel for it; None: always
-            simulated in float.
+            set by the backend: ``set_weight_bias`` for an integer kernel, ``set_weight`` with
+            an 8-bit rowwise ``quint8`` table for a weight-only type), or returns None where x86
+            has no kernel for it; None: always simulated in float.
         integer_kernel: False for a weight-only type (no integer kernel whatever the plan: its
             input must stay float; the weight is dequantized at run time).
         input_rank: rank of the layer's input, for per-channel input bounds (default: the
             weight's rank, as for convolutions).
+        x86_float_output: the x86 module can give a float output straight from its integer
+            kernel (``fbgemm``'s int8 linear with an fp32 output): the output then needs no
+            calibrated grid where no exact one follows (as ONNX Runtime's ``float_output``).
 
     Example:
         >>> class Scale(nn.Linear):  # a subclass deploys like nn.Linear ...
@@ -117,7 +132,7 @@ def register_deployment(
     ops = tuple(onnx)
     if not ops or not all(isinstance(o, OnnxOp) for o in ops):
         raise ValueError(f"onnx={onnx!r} is not allowed; allowed values: one or more OnnxOp")
-    dep = LayerDeployment(float_type, ops, x86, integer_kernel, input_rank)
+    dep = LayerDeployment(float_type, ops, x86, integer_kernel, input_rank, x86_float_output)
     _DEPLOYMENTS[float_type] = dep
     return dep
 
@@ -170,6 +185,34 @@ def _x86_conv(f: nn.Module) -> nn.Module | None:
     )
 
 
+def _x86_linear_float_output(q: nn.Module) -> Callable[[Tensor, float, int], Tensor]:
+    import torch
+
+    packed = q._packed_params._packed_params  # type: ignore[union-attr]
+    op = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
+    return lambda x, scale, zero_point: op(x, scale, zero_point, packed)
+
+
+def _x86_embedding(f: nn.Module) -> nn.Module | None:
+    import torch.ao.nn.quantized as nnq
+
+    assert isinstance(f, nn.Embedding)
+    return nnq.Embedding(f.num_embeddings, f.embedding_dim, padding_idx=f.padding_idx)
+
+
+def _x86_embedding_bag(f: nn.Module) -> nn.Module | None:
+    import torch.ao.nn.quantized as nnq
+
+    assert isinstance(f, nn.EmbeddingBag)
+    # torch.ao's 8-bit rowwise bag reduces exactly by sum only (its mean and max are wrong in
+    # torch 2.13, checked), and has no padding_idx (which leaves rows out of a bag).
+    if f.mode != "sum" or f.padding_idx is not None:
+        return None
+    return nnq.EmbeddingBag(
+        f.num_embeddings, f.embedding_dim, mode="sum", include_last_offset=f.include_last_offset
+    )
+
+
 register_deployment(
     nn.Linear,
     onnx=[
@@ -178,11 +221,13 @@ register_deployment(
     ],
     x86=_x86_linear,
     input_rank=2,
+    x86_float_output=_x86_linear_float_output,
 )
 register_deployment(nn.Conv1d, onnx=[OnnxOp("Conv")], x86=_x86_conv)
 register_deployment(nn.Conv2d, onnx=[OnnxOp("Conv")], x86=_x86_conv)
 register_deployment(
     nn.Embedding,
-    onnx=[OnnxOp("Gather", weight_input=0, data_input=1, bias_input=None)],
+    onnx=[OnnxOp("Gather", weight_input=0, data_input=1, bias_input=None, lookup=True)],
+    x86=_x86_embedding,
     integer_kernel=False,
 )

@@ -65,8 +65,15 @@ def layer_grid(name: str) -> str:
 
 
 def grid_prefix(grid: str) -> str:
-    """Prefix of a grid's qparam names: ``conv.act_fq`` -> ``conv.act``, others unchanged."""
-    return grid[: -len("_fq")] if grid.endswith(".act_fq") else grid
+    """Prefix of a grid's qparam names: a layer's quantizer loses its ``_fq`` (``conv.act_fq``
+    -> ``conv.act``, ``mha.matmul.key_fq`` -> ``mha.matmul.key``), others are unchanged."""
+    return grid[: -len("_fq")] if is_layer_grid(grid) else grid
+
+
+def is_layer_grid(grid: str) -> bool:
+    """The grid is a layer's own input quantizer (``<layer>.<operand>_fq``), whose qparams the
+    size counts (roles ``act_scale``/``act_zero_point``), not a quantized add's."""
+    return grid.endswith("_fq")
 
 
 def plan_requant(

@@ -3,13 +3,19 @@
 Each integer layer becomes ``clamp (sub-8-bit inputs) -> quantize_per_tensor (quint8) ->
 quantized Conv/Linear (qint8 weights, x86 engine) -> dequantize``; the rest of the model runs
 unchanged in float, except quantized adds (``plan.adds``), which run as ``quantized::add`` /
-``add_relu`` on quint8 operands. Output grids follow the same rules as the ONNX export (exact
-onto the next layer's input grid where possible, else a calibrated 8-bit grid; here also for a
-final Linear, since a quantized Linear always has an integer output). x86 kernels take quint8
-inputs only: a symmetric int8 input grid runs as quint8 with its zero-point shifted by 128
-(same values), and asymmetric uint8 weights as qint8 with zero-point ``Z - 128``. Layers without
-an integer kernel (float weight or input, per-channel input) run float with their quantization
-simulated.
+``add_relu`` on quint8 operands. Output grids follow the same rules as the ONNX export: exact
+onto the next layer's (or add's) input grid where possible; else a Linear (any input rank) keeps
+a float output straight from its int8 kernel (``fbgemm``'s linear with an fp32 output, as ONNX
+Runtime's QGemm / MatMulIntegerToFloat), and a convolution gets a calibrated 8-bit grid. x86
+kernels take quint8 inputs only: a symmetric int8 input grid runs as quint8 with its zero-point
+shifted by 128 (same values), and asymmetric uint8 weights as qint8 with zero-point ``Z - 128``.
+Layers without an integer kernel (float weight or input, per-channel input) run float with their
+quantization simulated. An embedding (weight-only) becomes torch.ao's 8-bit rowwise
+``Embedding`` (quint8 codes, one fp32 scale and bias per row; sub-8-bit rows as 8-bit codes on
+their grid: same values); the attention matmuls (``<mha>.matmul``) stay simulated (their
+operands quantize-dequantized, float matmuls: torch.ao has no int8 matmul with a float output).
+A replaced layer keeps float ``weight`` and ``bias`` attributes, for code that reads them
+(``nn.TransformerEncoderLayer`` checks ``self_attn.in_proj_bias``).
 
 ``torch.ao.quantization`` is deprecated in torch 2.x; its warnings are silenced here.
 """
@@ -19,10 +25,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from autoquant.measure._deploy import (
@@ -41,6 +48,7 @@ from autoquant.transform import (
     add_outputs,
     add_quantizers,
     call_model,
+    fx_rule,
     strip_add_quantizers,
 )
 from autoquant.types import QuantPlan
@@ -73,27 +81,52 @@ def _quint8(q: IntQ) -> tuple[float, int]:
     return float(q.scale), zp
 
 
-class IntKernelLayer(nn.Module):
+class _FloatParams:
+    """Float ``weight`` and ``bias`` of the layer a deployed module replaces (plain attributes,
+    not parameters), for code around it that reads them."""
+
+    weight: Tensor | None
+    bias: Tensor | None
+
+    def _keep_params(self, dl: DeployedLayer) -> None:
+        object.__setattr__(self, "weight", dl.weight_value)
+        object.__setattr__(self, "bias", getattr(dl.float_module, "bias", None))
+
+
+class IntKernelLayer(_FloatParams, nn.Module):
     """``dequantize(qlayer(quantize_per_tensor(clamp(x))))`` on the x86 int8 engine.
 
     With ``emit_quantized`` the output stays a quint8 tensor: set when it is already on the
     next layer's input grid and reaches it through ops that run on quantized tensors (ReLU,
-    max-pool, flatten, ...), which then skips its own quantize step (same values).
+    max-pool, flatten, ...), which then skips its own quantize step (same values). With
+    ``float_output`` (see :func:`~autoquant.measure.register_deployment`), the kernel computes
+    the float output itself from the float input and the input grid.
     """
 
-    def __init__(self, qlayer: nn.Module, in_q: IntQ) -> None:
+    def __init__(
+        self,
+        qlayer: nn.Module,
+        in_q: IntQ,
+        float_output: Callable[[Tensor, float, int], Tensor] | None = None,
+    ) -> None:
         super().__init__()
         self.qlayer = qlayer
         self.scale, self.zero_point = _quint8(in_q)
         self.clip = in_q.clip_range() if in_q.clip else None
         self.emit_quantized = False
+        self.float_output = float_output
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.is_quantized and (x.q_scale(), x.q_zero_point()) != (self.scale, self.zero_point):
+        if x.is_quantized and (
+            self.float_output is not None
+            or (x.q_scale(), x.q_zero_point()) != (self.scale, self.zero_point)
+        ):
             x = x.dequantize()  # on another grid (e.g. a quantized add's output)
         if not x.is_quantized:
             if self.clip is not None:
                 x = x.clamp(*self.clip)
+            if self.float_output is not None:
+                return self.float_output(x, self.scale, self.zero_point)
             x = torch.quantize_per_tensor(x, self.scale, self.zero_point, torch.quint8)
         y = self.qlayer(x)
         return y if self.emit_quantized else y.dequantize()
@@ -101,14 +134,26 @@ class IntKernelLayer(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_scale={self.scale:.4g}, in_zero_point={self.zero_point}, "
-            f"emit_quantized={self.emit_quantized}"
+            f"emit_quantized={self.emit_quantized}, float_output={self.float_output is not None}"
         )
+
+
+class LookupLayer(_FloatParams, nn.Module):
+    """A weight-only layer on its torch.ao 8-bit rowwise module (an embedding): float output."""
+
+    def __init__(self, qlayer: nn.Module) -> None:
+        super().__init__()
+        self.qlayer = qlayer
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        return self.qlayer(*args, **kwargs)
 
 
 class QuantizeTo(nn.Module):
     """Puts a tensor on one quint8 grid (an operand or the output of a quantized add).
 
-    Disabled (``integer=False``), it fake-quantizes in float instead (same values).
+    Disabled (``integer=False``, where a reader takes float tensors only), it fake-quantizes in
+    float instead (same values).
     """
 
     def __init__(self, q: IntQ) -> None:
@@ -119,7 +164,7 @@ class QuantizeTo(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.is_quantized:
             if (x.q_scale(), x.q_zero_point()) == (self.scale, self.zero_point):
-                return x
+                return x if self.integer else x.dequantize()
             x = x.dequantize()
         y = torch.quantize_per_tensor(x, self.scale, self.zero_point, torch.quint8)
         return y if self.integer else y.dequantize()
@@ -140,6 +185,12 @@ class QuantizedAdd(nn.Module):
             return torch.relu(a + b) if self.relu else a + b
         op = torch.ops.quantized.add_relu if self.relu else torch.ops.quantized.add
         return op(a, b, self.scale, self.zero_point)
+
+
+def _graph_modules(module: nn.Module) -> list[fx.GraphModule]:
+    """The graphs holding quantized adds: ``module`` and any submodule that is a
+    ``GraphModule`` (see :func:`autoquant.transform.quantize_adds`)."""
+    return [m for m in module.modules() if isinstance(m, fx.GraphModule)]
 
 
 def _lower_adds(gm: fx.GraphModule) -> None:
@@ -169,7 +220,38 @@ def _lower_adds(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
-class SimulatedLayer(nn.Module):
+# Readers that take quint8 tensors (besides our modules and the grid-keeping ops).
+_QUANTIZED_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
+_QUANTIZED_POOL_FUNCTIONS = frozenset(
+    {F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d}
+)
+
+
+def _takes_quantized(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Every reader of ``node`` (through ops that keep a grid) runs on quint8 tensors."""
+    for user in node.users:
+        module = gm.get_submodule(str(user.target)) if user.op == "call_module" else None
+        if isinstance(module, (QuantizeTo, QuantizedAdd, IntKernelLayer, *_QUANTIZED_POOLS)) or (
+            user.op == "call_function" and user.target in _QUANTIZED_POOL_FUNCTIONS
+        ):
+            continue
+        if fx_rule(gm, user) is not None and _takes_quantized(gm, user):
+            continue
+        return False
+    return True
+
+
+def _floats_for_float_readers(module: nn.Module) -> None:
+    """A quantized add's output grid hands a float tensor to readers that take float tensors
+    only (a LayerNorm after a transformer's residual add), quint8 to the others."""
+    for gm in _graph_modules(module):
+        for node in gm.graph.nodes:
+            q = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+            if isinstance(q, QuantizeTo) and not _takes_quantized(gm, node):
+                q.integer = False
+
+
+class SimulatedLayer(_FloatParams, nn.Module):
     """A float layer with its input quantization simulated (no integer kernel exists)."""
 
     def __init__(self, float_layer: nn.Module, act_fq: nn.Module) -> None:
@@ -177,8 +259,8 @@ class SimulatedLayer(nn.Module):
         self.act_fq = act_fq
         self.layer = float_layer
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.layer(self.act_fq(x))
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return self.layer(self.act_fq(x), *args, **kwargs)
 
 
 def _qweight(dl: DeployedLayer) -> Tensor:
@@ -193,26 +275,80 @@ def _qweight(dl: DeployedLayer) -> Tensor:
     return torch.quantize_per_channel(w, scale.reshape(-1), zp.reshape(-1), q.axis, torch.qint8)
 
 
-def _int_module(dl: DeployedLayer, out: IntQ) -> nn.Module | None:
-    """The quantized torch module of an integer layer (its type's declared x86 module, see
+def _int_module(dl: DeployedLayer, rq: Requant) -> IntKernelLayer | None:
+    """The integer layer on its type's declared x86 module (see
     :func:`~autoquant.measure.register_deployment`), or None if x86 has no such kernel."""
     dep = deployment_of(dl.float_module)
     if dl.weight_q.axis not in (None, 0) or dep is None or dep.x86 is None:
+        return None
+    if rq.mode == "float" and dep.x86_float_output is None:
         return None
     q = dep.x86(dl.float_module)
     if q is None:
         return None
     bias = getattr(dl.float_module, "bias", None)
     q.set_weight_bias(_qweight(dl), None if bias is None else bias.detach().float())
-    q.scale, q.zero_point = _quint8(out)
-    return q
+    float_output = None
+    if rq.mode == "float":
+        float_output = dep.x86_float_output(q)  # type: ignore[misc]
+    else:
+        q.scale, q.zero_point = _quint8(rq.q)
+    out = IntKernelLayer(q, dl.act_q, float_output)
+    out._keep_params(dl)
+    return out
+
+
+def _rowwise_weight(dl: DeployedLayer) -> Tensor:
+    """The weight's codes as torch.ao's 8-bit rowwise format: quint8 per row, float qparams
+    (a per-tensor grid repeated per row; symmetric codes +128). The values are the simulated
+    ones: ``(q - Z) * S`` requantizes to exactly ``q``."""
+    q = dl.weight_q
+    rows = dl.weight_value.shape[0]
+    shift = 128 if q.storage == "int8" else 0
+    scale = torch.from_numpy(q.scale).double().reshape(-1).expand(rows).contiguous()
+    zp = (torch.from_numpy(q.zero_point).double().reshape(-1) + shift).expand(rows).contiguous()
+    return torch.quantize_per_channel(dl.weight_value, scale, zp, 0, torch.quint8)
+
+
+def _lookup_module(dl: DeployedLayer) -> LookupLayer | None:
+    """A weight-only layer on its type's declared x86 module (8-bit rowwise), or None."""
+    dep = deployment_of(dl.float_module)
+    if dl.weight_q is None or dl.weight_q.axis not in (None, 0) or dep is None or dep.x86 is None:
+        return None
+    q = dep.x86(dl.float_module)
+    if q is None:
+        return None
+    q.set_weight(_rowwise_weight(dl))
+    out = LookupLayer(q)
+    out._keep_params(dl)
+    return out
 
 
 def _simulated(dl: DeployedLayer) -> nn.Module:
     f = copy.deepcopy(dl.float_module)
     with torch.no_grad():
         f.weight = nn.Parameter(dl.weight_value.clone(), requires_grad=False)
-    return SimulatedLayer(f, dl.act_fq)
+    out = SimulatedLayer(f, dl.act_fq)
+    out._keep_params(dl)
+    return out
+
+
+def _lowered(dl: DeployedLayer, rq: Requant | None) -> tuple[nn.Module | None, str | None]:
+    """The module replacing a plan layer (None: the fake-quant layer stays) and its note."""
+    if not dl.has_weight:
+        return None, "operands quantize-dequantized, float matmuls (no x86 int8 kernel)"
+    if dl.weight_only:
+        lookup = _lookup_module(dl)
+        if lookup is not None:
+            return lookup, "8-bit rowwise table (torch.ao quantized embedding)"
+        return _simulated(dl), "float table of the dequantized rows"
+    fmt = dl.format
+    if fmt.int_kernel and not fmt.saturates and rq is not None:
+        new = _int_module(dl, rq)
+        if new is not None:
+            return new, "out→" + rq.describe("torch-x86")
+        return _simulated(dl), "no x86 kernel for this layer: simulated in float"
+    return _simulated(dl), None
 
 
 def lower_to_torch_x86(
@@ -267,7 +403,12 @@ def _analyse(
     grids = {t: activation_intq(fq, t) for t, fq in add_quantizers(model).items()}
     chains = fx_chains(model, layers)
     inputs = [example_input] if calib_inputs is None else list(calib_inputs)
-    return layers, choose_requant(model, layers, chains, grids, inputs, float_output_ok=set())
+    float_ok = {
+        n
+        for n, dl in layers.items()
+        if getattr(deployment_of(dl.float_module), "x86_float_output", None) is not None
+    }
+    return layers, choose_requant(model, layers, chains, grids, inputs, float_output_ok=float_ok)
 
 
 def lower_with_notes(
@@ -282,27 +423,21 @@ def lower_with_notes(
     use_x86_engine()
     layers, requant = _analyse(model, plan or QuantPlan(), example_input, calib_inputs)
     out = copy.deepcopy(model).eval()
-    if isinstance(out, fx.GraphModule):
-        # The adds' quantizers move out of the layers about to be replaced.
-        strip_add_quantizers(out, out.get_submodule)
-        _lower_adds(out)
+    # The adds' quantizers move out of the layers about to be replaced.
+    strip_add_quantizers(out, out.get_submodule)
+    for gm in _graph_modules(out):
+        _lower_adds(gm)
     tails: dict[str, str] = {}
     with quiet_ao():
         for name, dl in layers.items():
-            rq: Requant | None = requant.get(name)
-            new = None
-            if dl.format.int_kernel and not dl.format.saturates and rq is not None:
-                new = _int_module(dl, rq.q)
+            new, note = _lowered(dl, requant.get(name))
+            if note is not None:
+                tails[name] = note
             if new is not None:
-                new = IntKernelLayer(new, dl.act_q)
-                tails[name] = "out→" + rq.describe("torch-x86")
-            else:
-                new = _simulated(dl)
-                if dl.format.int_kernel and not dl.format.saturates:
-                    tails[name] = "no x86 kernel for this layer: simulated in float"
-            parent, _, child = name.rpartition(".")
-            setattr(out.get_submodule(parent) if parent else out, child, new)
+                parent, _, child = name.rpartition(".")
+                setattr(out.get_submodule(parent) if parent else out, child, new)
         out.eval()
+        _floats_for_float_readers(out)
         if keep_quantized:
             _keep_runs_quantized(out, requant)
         with torch.inference_mode():
@@ -341,7 +476,7 @@ def kernel_counts(module: nn.Module) -> dict[str, int]:
     float."""
     counts: dict[str, int] = {}
     for m in module.modules():
-        if isinstance(m, IntKernelLayer):
+        if isinstance(m, (IntKernelLayer, LookupLayer)):
             key = "int8:" + type(m.qlayer).__name__
         elif isinstance(m, SimulatedLayer):
             key = "float:" + type(m.layer).__name__

@@ -18,7 +18,9 @@ Re-recorded on purpose since: the torch-x86 notes of ``tokens-mixed`` (x86 reads
 grids from the ``torch.fx`` graph, which sees a 3-D Linear's whole output: exact, not
 calibrated), and the file digests of the exports with sub-8-bit weights (``model.onnx`` now holds
 their int8 codes too, so that it loads in a plain ONNX Runtime session; the graph digests, which
-cover the complete model, did not change).
+cover the complete model, did not change); and the torch-x86 notes of every final Linear
+(``out→quint8 (calibrated range)`` became ``out→float``: x86 Linears now keep a float output
+straight from fbgemm's int8 kernel where no exact grid follows, as ONNX Runtime's QGemm does).
 """
 
 from __future__ import annotations

@@ -39,7 +39,8 @@ from autoquant.types import QuantPlan
 
 #: Bumped when the graph exported for a given plan changes (e.g. a new pass), so that cached
 #: latencies of the old graph are not reused: it is part of the ONNX Runtime backend's version.
-EXPORT_REVISION = 2
+#: 3: embeddings gather integer rows; attention matmuls and transformer adds deploy.
+EXPORT_REVISION = 3
 ROLES_KEY = "autoquant.tensor_roles"
 
 #: The passes of the QDQ export, in order.
