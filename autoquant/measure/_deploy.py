@@ -25,7 +25,9 @@ from autoquant.transform import (
     QuantizedLayer,
     call_model,
     fold_batchnorm,
+    has_own_forward,
     quantized_layers,
+    registered_base,
     strip_add_quantizers,
 )
 from autoquant.types import LayerPlan, PlanError, QuantPlan
@@ -235,18 +237,42 @@ def _observe(
             m.training = t
 
 
+def _primitive(layer: QuantizedLayer) -> Callable[[Tensor], Tensor]:
+    """The float op a wrapper's primitive computes on its (quantized) input: its registered
+    base type's forward, with the simulated weight."""
+    base = copy.copy(layer)
+    base._modules = {k: m for k, m in layer._modules.items() if not isinstance(m, FakeQuantize)}
+    base.__class__ = registered_base(type(layer))  # type: ignore[assignment]
+    with torch.no_grad():
+        base.weight = nn.Parameter(layer.weight_fq(layer.weight).detach(), requires_grad=False)
+    return base.forward
+
+
 def output_ranges(
     model: nn.Module, names: Iterable[str], inputs: Iterable[Inputs]
 ) -> dict[str, tuple[float, float]]:
-    """Min and max of each named layer's output over ``inputs`` (fake-quant forward)."""
+    """Min and max of each named layer's output over ``inputs`` (fake-quant forward): of its
+    primitive's output (what an integer kernel outputs) for a subclass with a forward of its
+    own, computed from the primitive's quantized input."""
     ranges = {n: [float("inf"), float("-inf")] for n in names}
+    modules = dict(model.named_modules())
+    # A subclass's own forward may change the primitive's output (+ 0.25): watch its input.
+    watched = {(f"{n}.act_fq" if has_own_forward(modules[n]) else n): n for n in ranges}
+    primitives = {
+        n: _primitive(modules[n])
+        for w, n in watched.items()
+        if w != n  # type: ignore[arg-type]
+    }
 
-    def see(name: str, output: Tensor) -> None:
+    def see(watch: str, output: Tensor) -> None:
+        name = watched[watch]
+        if name in primitives:
+            output = primitives[name](output)
         r = ranges[name]
         r[0] = min(r[0], float(output.min()))
         r[1] = max(r[1], float(output.max()))
 
-    _observe(model, list(ranges), inputs, see)
+    _observe(model, list(watched), inputs, see)
     return {n: (r[0], r[1]) for n, r in ranges.items()}
 
 

@@ -30,7 +30,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+from autoquant.types import PlanError
 
 _LAYOUTS = ("as_is", "transposed", "transB")
 
@@ -85,6 +88,8 @@ class LayerDeployment:
     integer_kernel: bool = True
     input_rank: int | None = None
     x86_float_output: FloatOutput | None = None
+    export_as: type[nn.Module] | None = None
+    primitive: str = "forward"
 
     def onnx_op(self, op_type: str) -> OnnxOp | None:
         """The declaration of ``op_type``, if this type exports to it."""
@@ -102,6 +107,8 @@ def register_deployment(
     integer_kernel: bool = True,
     input_rank: int | None = None,
     x86_float_output: FloatOutput | None = None,
+    export_as: type[nn.Module] | None = None,
+    primitive: str = "forward",
 ) -> LayerDeployment:
     """Declare how ``float_type`` layers deploy (replacing an earlier declaration).
 
@@ -120,6 +127,15 @@ def register_deployment(
         x86_float_output: the x86 module can give a float output straight from its integer
             kernel (``fbgemm``'s int8 linear with an fp32 output): the output then needs no
             calibrated grid where no exact one follows (as ONNX Runtime's ``float_output``).
+        export_as: a subclass of ``float_type`` whose ``forward`` exports to the declared ops
+            where the type's own does not (the ONNX export swaps the class of the layer's float
+            copy; same parameters). It may raise :class:`~autoquant.types.PlanError` for a call
+            it cannot export so (its ``deployed_name`` attribute holds the layer's name).
+        primitive: the method of ``float_type`` the simulation intercepts (``forward``, or
+            ``_conv_forward(input, weight, bias)`` for convolutions): in a subclass with a
+            forward of its own, the x86 kernel takes its place, so the subclass's forward still
+            runs around it. A ``forward`` primitive passes its other arguments on to the kernel
+            (an embedding bag's offsets); another gives the kernel its first argument only.
 
     Example:
         >>> class Scale(nn.Linear):  # a subclass deploys like nn.Linear ...
@@ -132,7 +148,21 @@ def register_deployment(
     ops = tuple(onnx)
     if not ops or not all(isinstance(o, OnnxOp) for o in ops):
         raise ValueError(f"onnx={onnx!r} is not allowed; allowed values: one or more OnnxOp")
-    dep = LayerDeployment(float_type, ops, x86, integer_kernel, input_rank, x86_float_output)
+    if export_as is not None and not (
+        isinstance(export_as, type) and issubclass(export_as, float_type)
+    ):
+        raise ValueError(
+            f"export_as={export_as!r} is not allowed; allowed values: None or a subclass of "
+            f"{float_type.__name__}"
+        )
+    if not callable(getattr(float_type, primitive, None)):
+        raise ValueError(
+            f"primitive={primitive!r} is not allowed; allowed values: a method of "
+            f"{float_type.__name__}"
+        )
+    dep = LayerDeployment(
+        float_type, ops, x86, integer_kernel, input_rank, x86_float_output, export_as, primitive
+    )
     _DEPLOYMENTS[float_type] = dep
     return dep
 
@@ -213,6 +243,34 @@ def _x86_embedding_bag(f: nn.Module) -> nn.Module | None:
     )
 
 
+class BagAsGather(nn.EmbeddingBag):
+    """``nn.EmbeddingBag`` with fixed-size bags (a 2-D input, no offsets) computed as a lookup
+    then a reduction over the bag axis, which exports as ``Gather`` -> ``ReduceSum`` /
+    ``ReduceMean`` / ``ReduceMax`` (PyTorch's own export of a bag is a ``Loop``)."""
+
+    deployed_name = ""
+
+    def forward(
+        self,
+        input: Tensor,
+        offsets: Tensor | None = None,
+        per_sample_weights: Tensor | None = None,
+    ) -> Tensor:
+        if input.dim() != 2 or offsets is not None or self.padding_idx is not None:
+            raise PlanError(
+                f"layer {self.deployed_name!r} (EmbeddingBag) deploys on ONNX Runtime with "
+                "fixed-size bags only: a 2-D input of indices, offsets=None and "
+                f"padding_idx=None (got a {input.dim()}-D input, offsets "
+                f"{'given' if offsets is not None else 'None'}, padding_idx={self.padding_idx})"
+            )
+        rows = F.embedding(input, self.weight)
+        if per_sample_weights is not None:
+            rows = rows * per_sample_weights.unsqueeze(-1)
+        if self.mode == "sum":
+            return rows.sum(1)
+        return rows.mean(1) if self.mode == "mean" else rows.amax(1)
+
+
 register_deployment(
     nn.Linear,
     onnx=[
@@ -223,11 +281,18 @@ register_deployment(
     input_rank=2,
     x86_float_output=_x86_linear_float_output,
 )
-register_deployment(nn.Conv1d, onnx=[OnnxOp("Conv")], x86=_x86_conv)
-register_deployment(nn.Conv2d, onnx=[OnnxOp("Conv")], x86=_x86_conv)
+register_deployment(nn.Conv1d, onnx=[OnnxOp("Conv")], x86=_x86_conv, primitive="_conv_forward")
+register_deployment(nn.Conv2d, onnx=[OnnxOp("Conv")], x86=_x86_conv, primitive="_conv_forward")
 register_deployment(
     nn.Embedding,
     onnx=[OnnxOp("Gather", weight_input=0, data_input=1, bias_input=None, lookup=True)],
     x86=_x86_embedding,
     integer_kernel=False,
+)
+register_deployment(
+    nn.EmbeddingBag,
+    onnx=[OnnxOp("Gather", weight_input=0, data_input=1, bias_input=None, lookup=True)],
+    x86=_x86_embedding_bag,
+    integer_kernel=False,
+    export_as=BagAsGather,
 )

@@ -8,7 +8,9 @@ onto the next layer's (or add's) input grid where possible; else a Linear (any i
 a float output straight from its int8 kernel (``fbgemm``'s linear with an fp32 output, as ONNX
 Runtime's QGemm / MatMulIntegerToFloat), and a convolution gets a calibrated 8-bit grid. x86
 kernels take quint8 inputs only: a symmetric int8 input grid runs as quint8 with its zero-point
-shifted by 128 (same values), and asymmetric uint8 weights as qint8 with zero-point ``Z - 128``.
+shifted by 128 (same values), and asymmetric uint8 weights as qint8 with zero-point
+``Z - 128``; where those codes would saturate this CPU's u8×s8 kernels
+(:func:`~autoquant.measure.x86_saturates`) the layer runs in float.
 Layers without an integer kernel (float weight or input, per-channel input) run float with their
 quantization simulated. An embedding (weight-only) becomes torch.ao's 8-bit rowwise
 ``Embedding`` (quint8 codes, one fp32 scale and bias per row; sub-8-bit rows as 8-bit codes on
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -39,7 +42,7 @@ from autoquant.measure._deploy import (
     check_calls,
     deployed_layers,
 )
-from autoquant.measure._formats import plan_formats
+from autoquant.measure._formats import plan_formats, x86_saturates
 from autoquant.measure._layers import deployment_of
 from autoquant.measure._requant import Requant, choose_requant, fx_chains
 from autoquant.quant import FakeQuantize
@@ -49,6 +52,7 @@ from autoquant.transform import (
     add_quantizers,
     call_model,
     fx_rule,
+    has_own_forward,
     strip_add_quantizers,
 )
 from autoquant.types import QuantPlan
@@ -146,6 +150,8 @@ class LookupLayer(_FloatParams, nn.Module):
         self.qlayer = qlayer
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        # torch.ao's lookups take contiguous indices only (an expanded token-type id is not).
+        args = tuple(a.contiguous() if isinstance(a, Tensor) else a for a in args)
         return self.qlayer(*args, **kwargs)
 
 
@@ -325,7 +331,7 @@ def _lookup_module(dl: DeployedLayer) -> LookupLayer | None:
 
 
 def _simulated(dl: DeployedLayer) -> nn.Module:
-    f = copy.deepcopy(dl.float_module)
+    f = _as_class(dl.float_module, deployment_of(dl.float_module).float_type)  # type: ignore[union-attr]
     with torch.no_grad():
         f.weight = nn.Parameter(dl.weight_value.clone(), requires_grad=False)
     out = SimulatedLayer(f, dl.act_fq)
@@ -333,17 +339,65 @@ def _simulated(dl: DeployedLayer) -> nn.Module:
     return out
 
 
+def _as_class(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
+    """A shallow copy of ``module`` (same tensors, own dicts) of class ``cls``."""
+    out = copy.copy(module)
+    for attr in ("_parameters", "_buffers", "_modules"):
+        setattr(out, attr, dict(getattr(module, attr)))
+    out.__class__ = cls
+    return out
+
+
+@functools.cache
+def _primitive_mixin(base: type[nn.Module], primitive: str) -> type[nn.Module]:
+    """``base`` with its ``primitive`` calling the ``x86_kernel`` submodule."""
+
+    def call(self: nn.Module, input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if primitive == "forward":  # e.g. an embedding bag's offsets
+            return self.x86_kernel(input, *args, **kwargs)
+        return self.x86_kernel(input)  # the weight and bias are the kernel's
+
+    return type(f"X86{base.__name__}Primitive", (base,), {primitive: call})
+
+
+def _in_own_forward(dl: DeployedLayer, kernel: nn.Module) -> nn.Module:
+    """A subclass with a forward of its own keeps it: a copy of the float layer whose primitive
+    (see :func:`~autoquant.measure.register_deployment`) runs ``kernel``."""
+    dep = deployment_of(dl.float_module)
+    cls = type(dl.float_module)
+    mixin = _primitive_mixin(dep.float_type, dep.primitive)  # type: ignore[union-attr]
+    out = _as_class(dl.float_module, type(f"X86{cls.__name__}", (cls, mixin), {}))
+    out.x86_kernel = kernel
+    if dl.weight_value is not None:
+        out.weight = nn.Parameter(dl.weight_value.clone(), requires_grad=False)
+    return out
+
+
 def _lowered(dl: DeployedLayer, rq: Requant | None) -> tuple[nn.Module | None, str | None]:
     """The module replacing a plan layer (None: the fake-quant layer stays) and its note."""
+    new, note = _kernel(dl, rq)
+    if new is not None and has_own_forward(dl.float_module):
+        new = _in_own_forward(dl, new)
+    return new, note
+
+
+def _kernel(dl: DeployedLayer, rq: Requant | None) -> tuple[nn.Module | None, str | None]:
+    """What runs a plan layer's primitive (None: the fake-quant layer stays) and its note."""
     if not dl.has_weight:
-        return None, "operands quantize-dequantized, float matmuls (no x86 int8 kernel)"
+        return None, (
+            "operands quantize-dequantized on their grids, float matmuls (torch.ao has no int8 "
+            "matmul with a float output)"
+        )
     if dl.weight_only:
         lookup = _lookup_module(dl)
         if lookup is not None:
-            return lookup, "8-bit rowwise table (torch.ao quantized embedding)"
-        return _simulated(dl), "float table of the dequantized rows"
+            return lookup, (
+                "lookup in torch.ao's 8-bit rowwise table (quint8 codes on their grid, fp32 "
+                "scale and bias per row)"
+            )
+        return _simulated(dl), "lookup in a float table of the dequantized rows"
     fmt = dl.format
-    if fmt.int_kernel and not fmt.saturates and rq is not None:
+    if fmt.int_kernel and not x86_saturates(dl.plan) and rq is not None:
         new = _int_module(dl, rq)
         if new is not None:
             return new, "out→" + rq.describe("torch-x86")

@@ -45,7 +45,7 @@ from torch import fx, nn
 
 from autoquant.quant import FakeQuantize
 from autoquant.transform._attention import ExplicitMultiheadAttention
-from autoquant.transform._grid_rules import RELU_RULE, fx_module, fx_rule
+from autoquant.transform._grid_rules import RELU_RULE, fx_module, fx_rule, has_own_forward
 from autoquant.transform._registry import QuantizedLayer
 from autoquant.types import QuantSpec
 
@@ -218,6 +218,8 @@ def _input_quantizer(gm: fx.GraphModule, user: fx.Node, value: fx.Node) -> str |
     else:
         target = str(user.target)
     if not isinstance(module, QuantizedLayer) or not module.quantizes_input:
+        return None
+    if has_own_forward(module):  # its quantizer may see another tensor than ``value``
         return None
     spec = module.layer_plan.activation
     return f"{target}.act_fq" if spec.bits == 8 and not spec.per_channel else None

@@ -20,7 +20,11 @@ calibrated), and the file digests of the exports with sub-8-bit weights (``model
 their int8 codes too, so that it loads in a plain ONNX Runtime session; the graph digests, which
 cover the complete model, did not change); and the torch-x86 notes of every final Linear
 (``out→quint8 (calibrated range)`` became ``out→float``: x86 Linears now keep a float output
-straight from fbgemm's int8 kernel where no exact grid follows, as ONNX Runtime's QGemm does).
+straight from fbgemm's int8 kernel where no exact grid follows, as ONNX Runtime's QGemm does),
+and, in ``resnet8-mixed-saturating``, the x86 notes of the two layers with asymmetric 6-bit
+weights and 7-bit symmetric inputs: float kernels now, since the codes x86 stores for them
+(weights down to -128, inputs up to 191) saturate u8×s8 kernels without VNNI
+(:func:`~autoquant.measure.x86_saturates`).
 """
 
 from __future__ import annotations

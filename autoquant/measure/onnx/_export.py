@@ -129,12 +129,18 @@ def export_float(model: nn.Module, example_input: Inputs) -> onnx.ModelProto:
 
 
 def _placeholder_clone(fm: nn.Module, names: Iterable[str]) -> nn.Module:
-    """A copy whose layer weights and biases hold unique random values (see module doc)."""
+    """A copy whose layer weights and biases hold unique random values (see module doc), each
+    layer of a type declared with ``export_as`` turned into that class."""
     marked = copy.deepcopy(fm)
     gen = torch.Generator().manual_seed(12345)
     with torch.no_grad():
         for name in names:
             layer = marked.get_submodule(name)
+            dep = deployment_of(layer)
+            # A subclass with a forward of its own keeps it (it exports as it computes).
+            if dep.export_as is not None and type(layer).forward is dep.float_type.forward:
+                layer.__class__ = dep.export_as
+                layer.deployed_name = name
             for p in (layer.weight, getattr(layer, "bias", None)):
                 if p is not None:
                     p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
