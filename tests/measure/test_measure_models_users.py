@@ -105,7 +105,8 @@ def test_attention_matmuls_and_integer_adds_deploy_like_the_simulation(
     act = QuantSpec(bits=bits, symmetric=False)
     plan = _ok_plan(model, first(batches[0]), W4C, act, adds=A8, matmuls=True)
     assert "encoder.layers.1.self_attn.matmul" in plan.layers
-    q = quantized_inputs(model, plan, batches)
+    # Calibrated on two sequences: other inputs leave the ranges, so the grids clip.
+    q = quantized_inputs(model, plan, [tuple(t[:2] for t in batches[0])])
     x = batches[2]
     ref = _simulated(q, x)
     deployed = get_backend(backend).deploy(
@@ -126,7 +127,7 @@ class PreScaledConv(nn.Conv2d):
     """Scales its input before the primitive and shifts the output after it."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(2.0 * x, self.weight, self.bias) + 0.25
+        return self._conv_forward(2.0 * x, self.weight, self.bias) + 1.0
 
 
 class ShiftedLinear(nn.Linear):
@@ -165,9 +166,29 @@ def test_subclasses_with_their_own_forward_deploy_like_the_simulation(
     q = quantized_inputs(model, plan, batches)
     x = batches[1]
     ref = _simulated(q, x)
-    # The conv's integer output goes on to its own forward (+ 0.25): a calibrated grid. fc1's
+    # The conv's integer output goes on to its own forward (+ 1): a calibrated grid. fc1's
     # reaches fc2 only through fc2's own forward (x - 0.5): a float output, exact.
     assert_deploys_like(deployed_output(backend, q, plan, batches, x), ref, rounded=True)
+
+
+def test_the_output_grid_of_a_subclass_is_calibrated_on_its_primitive() -> None:
+    # An integer kernel outputs what the primitive computes, not what the subclass returns.
+    from autoquant.measure._deploy import output_ranges
+
+    torch.manual_seed(0)
+    batches = [torch.randn(16, 3, 6, 6, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    plan = QuantPlan.uniform(["conv", "fc1", "fc2"], W4C, A8)
+    q = quantized_inputs(Subclasses().eval(), plan, batches)
+    conv = q.conv
+    with torch.no_grad():
+        prim = torch.cat(
+            [
+                F.conv2d(conv.act_fq(2.0 * x), conv.weight_fq(conv.weight), conv.bias, padding=1)
+                for x in batches
+            ]
+        )
+    lo, hi = output_ranges(q, ["conv"], batches)["conv"]
+    assert (lo, hi) == pytest.approx((float(prim.min()), float(prim.max())), abs=1e-6)
 
 
 # A reused module, with and without a BatchNorm after one of its uses -----------------------
