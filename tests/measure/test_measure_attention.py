@@ -31,7 +31,7 @@ from autoquant.measure import (
     x86_saturates,
 )
 from autoquant.measure._deploy import deployed_layers
-from autoquant.measure._torch_x86 import IntKernelLayer, QuantizeTo
+from autoquant.measure._x86_modules import IntKernelLayer, QuantizeTo
 from autoquant.measure.onnx import build_qdq
 from autoquant.transform import (
     ExplicitMultiheadAttention,

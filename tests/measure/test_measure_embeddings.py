@@ -122,7 +122,8 @@ def test_sizes_are_the_packed_size_and_the_model_loads_plainly(
 def test_x86_runs_torch_ao_rowwise_tables_with_the_simulated_codes(spec: QuantSpec) -> None:
     import torch.ao.nn.quantized as nnq
 
-    from autoquant.measure._torch_x86 import LookupLayer, lower_to_torch_x86
+    from autoquant.measure import lower_to_torch_x86
+    from autoquant.measure._x86_modules import LookupLayer
 
     q, plan, batches = _quantized(spec)
     low, formats = lower_to_torch_x86(q, plan, batches[0][:1], calib_inputs=batches)
