@@ -267,8 +267,9 @@ def _analyse(
     model: nn.Module, plan: QuantPlan, example_input: Inputs, calib_inputs: Iterable[Inputs] | None
 ) -> tuple[dict[str, DeployedLayer], dict[str, Requant]]:
     """The plan's integer layers and their output grids, over the model's ``torch.fx`` graph
-    (the same rules and walk as the ONNX export: no ``onnx`` needed). A Linear's output gets a
-    grid too: x86's quantized Linear has an integer output."""
+    (the same rules and walk as the ONNX export: no ``onnx`` needed). Without an exact grid, a
+    type with a float-output x86 kernel (a Linear) keeps a float output, any other (a
+    convolution: its quantized module has an integer output) gets a calibrated grid."""
     layers = deployed_layers(model, plan)
     check_calls(model, layers, example_input)
     grids = {t: activation_intq(fq, t) for t, fq in add_quantizers(model).items()}

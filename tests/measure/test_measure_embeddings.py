@@ -57,6 +57,7 @@ def _quantized(emb: QuantSpec) -> tuple[nn.Module, QuantPlan, list[Tensor]]:
 ROWS4 = QuantSpec(bits=4, granularity="per_channel")
 ROWS3_ASYM = QuantSpec(bits=3, symmetric=False, granularity="per_channel")
 TENSOR8 = QuantSpec(bits=8)
+COLUMNS6 = QuantSpec(bits=6, granularity="per_channel", axis=1)
 
 
 def test_rows_are_gathered_as_integers_and_only_those_dequantized() -> None:
@@ -85,7 +86,7 @@ def test_rows_are_gathered_as_integers_and_only_those_dequantized() -> None:
     )
 
 
-@pytest.mark.parametrize("spec", [ROWS4, ROWS3_ASYM, TENSOR8], ids=str)
+@pytest.mark.parametrize("spec", [ROWS4, ROWS3_ASYM, TENSOR8, COLUMNS6], ids=str)
 def test_gathered_rows_are_the_simulated_rows_bit_for_bit(spec: QuantSpec) -> None:
     q, plan, batches = _quantized(spec)
     qdq = build_qdq(q, plan, batches[0][:1], batches)
@@ -99,7 +100,9 @@ def test_gathered_rows_are_the_simulated_rows_bit_for_bit(spec: QuantSpec) -> No
     np.testing.assert_array_equal(out[0], ref)
 
 
-@pytest.mark.parametrize("spec", [ROWS4, ROWS3_ASYM, TENSOR8, QuantSpec(bits="fp16")], ids=str)
+@pytest.mark.parametrize(
+    "spec", [ROWS4, ROWS3_ASYM, TENSOR8, COLUMNS6, QuantSpec(bits="fp16")], ids=str
+)
 def test_sizes_are_the_packed_size_and_the_model_loads_plainly(
     spec: QuantSpec, tmp_path: Path
 ) -> None:

@@ -31,9 +31,9 @@ def _lookup(ed: Editor, name: str, ln: LayerNode, dl: DeployedLayer) -> None:
     out = node.output[0]
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     rows = ed.add("Gather", [codes, ids], [f"{name}.rows_quantized"], **attrs).output[0]
-    if q.axis is None:
+    if q.axis != 0:  # one grid, or one per column: the last axis of the gathered rows
         s, z = ed.qparams(f"{name}.weight", q, "weight")
-        ed.add("DequantizeLinear", [rows, s, z], [out])
+        ed.add("DequantizeLinear", [rows, s, z], [out], **({} if q.axis is None else {"axis": -1}))
         return
     # Per-row qparams as [V, 1] columns: gathered with the rows, they broadcast along them.
     column = {**attrs, "axis": 0}
