@@ -32,6 +32,7 @@ from autoquant.measure._backends import (
 from autoquant.measure._cache import JsonFileStore, KeyValueStore, LatencyCache, MemoryStore
 from autoquant.measure._deploy import float_clone
 from autoquant.measure._formats import (
+    OWN_KERNEL_NOTES,
     SATURATION_ENV,
     LayerFormat,
     TensorFormat,
@@ -42,6 +43,7 @@ from autoquant.measure._formats import (
     layer_formats,
     plan_formats,
     tensor_format,
+    x86_saturates,
 )
 from autoquant.measure._latency import (
     LatencyResult,
@@ -91,6 +93,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "BACKENDS",
     "MAX_SPREAD",
+    "OWN_KERNEL_NOTES",
     "SATURATION_ENV",
     "SIDECAR_NAME",
     "SIZE_ROLES",
@@ -139,4 +142,5 @@ __all__ = [
     "tensor_format",
     "unpack_bits",
     "unregister_deployment",
+    "x86_saturates",
 ]

@@ -198,8 +198,13 @@ class TorchX86Backend:
             yield
 
     def version(self) -> str:
-        return f"torch-{torch.__version__}-{torch.backends.quantized.engine}"
+        return f"torch-{torch.__version__}-{torch.backends.quantized.engine}+lowering{LOWERING}"
 
+
+#: Bumped when torch-x86 lowers a plan to other kernels (part of its version, so cached latencies
+#: of the old lowering are not reused). 2: float-output Linears, rowwise embeddings, x86
+#: saturation per stored code range.
+LOWERING = 2
 
 BACKENDS: dict[str, LatencyBackend] = {
     "onnxruntime": OnnxRuntimeBackend(),

@@ -2,7 +2,9 @@
 
 Both backends lower the same description (:func:`deployed_layers`): for every quantized layer
 the integer weight codes (exactly those the fake-quant model uses), the input quantizer, and
-the kernel format (see :mod:`autoquant.measure._formats`).
+the kernel format (see :mod:`autoquant.measure._formats`). A layer without a weight (the
+attention matmuls, ``quantizes_weight = False``) quantizes operands inside its own forward: it
+is described by its input quantizers only, and deploys where they are called.
 """
 
 from __future__ import annotations
@@ -13,16 +15,19 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 
 from autoquant.measure._formats import LayerFormat
 from autoquant.measure._layers import deployment_of
 from autoquant.quant import FakeQuantize, quantize
 from autoquant.transform import (
     Inputs,
+    QuantizedLayer,
     call_model,
     fold_batchnorm,
+    has_own_forward,
     quantized_layers,
+    registered_base,
     strip_add_quantizers,
 )
 from autoquant.types import LayerPlan, PlanError, QuantPlan
@@ -81,9 +86,15 @@ class DeployedLayer:
     float_module: nn.Module  # float clone sharing the folded weight and bias
     weight_q: IntQ | None  # integer weight qparams (None for float weights)
     weight_codes: np.ndarray | None  # integer codes in the storage dtype
-    weight_value: Tensor  # what the simulation multiplies with (dequantized / fp16-rounded)
+    weight_value: Tensor | None  # what the simulation multiplies with (None: no weight)
     act_q: IntQ | None  # integer input qparams (None for float inputs)
     act_fq: FakeQuantize  # the simulated input quantizer (for float-kernel fallbacks)
+    weight_only: bool = False  # its type has no integer kernel (an embedding: a lookup)
+    operands: tuple[str, ...] = ()  # a weightless layer's input quantizers (``act_fq``, ...)
+
+    @property
+    def has_weight(self) -> bool:
+        return self.weight_value is not None
 
 
 def float_clone(model: nn.Module, mark: Callable[[str], nn.Module] | None = None) -> nn.Module:
@@ -91,12 +102,17 @@ def float_clone(model: nn.Module, mark: Callable[[str], nn.Module] | None = None
     folded weight and bias, no quantizers); BatchNorm left in the model is folded.
 
     The quantizers of quantized adds are dropped, or replaced by ``mark(target)`` modules (see
-    :func:`autoquant.transform.strip_add_quantizers`).
+    :func:`autoquant.transform.strip_add_quantizers`); so are those of a layer without a weight
+    (the attention matmuls: with ``mark``, the layer keeps its class and calls the marks).
     """
     out = copy.deepcopy(model)
-    if isinstance(out, fx.GraphModule):
-        strip_add_quantizers(out, mark)
+    strip_add_quantizers(out, mark)
     for name, layer in quantized_layers(out).items():
+        if mark is not None and not layer.quantizes_weight:
+            for key, m in list(layer._modules.items()):
+                if isinstance(m, FakeQuantize):
+                    layer._modules[key] = mark(f"{name}.{key}")
+            continue
         f = copy.copy(layer)
         f._parameters = dict(layer._parameters)
         f._buffers = dict(layer._buffers)
@@ -112,8 +128,12 @@ def deployed_layers(model: nn.Module, plan: QuantPlan) -> dict[str, DeployedLaye
     """Integer weights and qparams of every non-float plan layer of a calibrated
     :func:`~autoquant.transform.apply_plan` model.
 
+    A layer without a weight (``quantizes_weight = False``) needs no deployment declaration:
+    its input quantizers deploy where its forward calls them.
+
     Raises:
-        PlanError: a plan layer is not a fake-quant wrapper in ``model`` or is not calibrated.
+        PlanError: a plan layer is not a fake-quant wrapper in ``model``, is not calibrated, or
+            its type has no deployment.
     """
     wrappers = quantized_layers(model)
     floats = dict(float_clone(model).named_modules())
@@ -129,6 +149,14 @@ def deployed_layers(model: nn.Module, plan: QuantPlan) -> dict[str, DeployedLaye
                 "the calibrated result of autoquant.transform.apply_plan(model, "
                 f"plan) (quantized layers: {sorted(wrappers)})"
             )
+        if layer.layer_plan != lp:
+            raise PlanError(
+                f"layer {name!r} was built for {layer.layer_plan.short()}, the plan "
+                f"says {lp.short()}; apply this plan to the float model"
+            )
+        if not layer.quantizes_weight:
+            out[name] = _weightless(name, layer, fmt, floats[name])
+            continue
         dep = deployment_of(layer)
         if dep is None:
             kind = layer.float_type.__name__
@@ -140,11 +168,6 @@ def deployed_layers(model: nn.Module, plan: QuantPlan) -> dict[str, DeployedLaye
             raise PlanError(
                 f"layer {name!r} ({layer.float_type.__name__}) deploys weight-only: "
                 f"activation bits={lp.activation.bits!r} is not allowed; allowed values: 'fp32'"
-            )
-        if layer.layer_plan != lp:
-            raise PlanError(
-                f"layer {name!r} was built for {layer.layer_plan.short()}, the plan "
-                f"says {lp.short()}; apply this plan to the float model"
             )
         weight = layer.weight.detach().float()
         weight_q = codes = None
@@ -166,9 +189,27 @@ def deployed_layers(model: nn.Module, plan: QuantPlan) -> dict[str, DeployedLaye
         if fmt.activation.is_int:
             act_q = _intq(layer.act_fq, fmt.activation.storage, name)
         out[name] = DeployedLayer(
-            name, lp, fmt, floats[name], weight_q, codes, value, act_q, copy.deepcopy(layer.act_fq)
+            name,
+            lp,
+            fmt,
+            floats[name],
+            weight_q,
+            codes,
+            value,
+            act_q,
+            copy.deepcopy(layer.act_fq),
+            weight_only=not dep.integer_kernel,
         )
     return out
+
+
+def _weightless(name: str, layer: QuantizedLayer, fmt: LayerFormat, f: nn.Module) -> DeployedLayer:
+    """A layer that quantizes operands of its own (no weight): its input quantizers."""
+    operands = tuple(getattr(type(layer), "input_quantizers", ("act_fq",)))
+    act_q = _intq(layer.act_fq, fmt.activation.storage, name) if fmt.activation.is_int else None
+    return DeployedLayer(
+        name, layer.layer_plan, fmt, f, None, None, None, act_q, layer.act_fq, operands=operands
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -196,18 +237,42 @@ def _observe(
             m.training = t
 
 
+def _primitive(layer: QuantizedLayer) -> Callable[[Tensor], Tensor]:
+    """The float op a wrapper's primitive computes on its (quantized) input: its registered
+    base type's forward, with the simulated weight."""
+    base = copy.copy(layer)
+    base._modules = {k: m for k, m in layer._modules.items() if not isinstance(m, FakeQuantize)}
+    base.__class__ = registered_base(type(layer))  # type: ignore[assignment]
+    with torch.no_grad():
+        base.weight = nn.Parameter(layer.weight_fq(layer.weight).detach(), requires_grad=False)
+    return base.forward
+
+
 def output_ranges(
     model: nn.Module, names: Iterable[str], inputs: Iterable[Inputs]
 ) -> dict[str, tuple[float, float]]:
-    """Min and max of each named layer's output over ``inputs`` (fake-quant forward)."""
+    """Min and max of each named layer's output over ``inputs`` (fake-quant forward): of its
+    primitive's output (what an integer kernel outputs) for a subclass with a forward of its
+    own, computed from the primitive's quantized input."""
     ranges = {n: [float("inf"), float("-inf")] for n in names}
+    modules = dict(model.named_modules())
+    # A subclass's own forward may change the primitive's output (+ 0.25): watch its input.
+    watched = {(f"{n}.act_fq" if has_own_forward(modules[n]) else n): n for n in ranges}
+    primitives = {
+        n: _primitive(modules[n])
+        for w, n in watched.items()
+        if w != n  # type: ignore[arg-type]
+    }
 
-    def see(name: str, output: Tensor) -> None:
+    def see(watch: str, output: Tensor) -> None:
+        name = watched[watch]
+        if name in primitives:
+            output = primitives[name](output)
         r = ranges[name]
         r[0] = min(r[0], float(output.min()))
         r[1] = max(r[1], float(output.max()))
 
-    _observe(model, list(ranges), inputs, see)
+    _observe(model, list(watched), inputs, see)
     return {n: (r[0], r[1]) for n, r in ranges.items()}
 
 

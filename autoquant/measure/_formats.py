@@ -162,6 +162,27 @@ class LayerFormat:
         )
 
 
+def x86_saturates(lp: LayerPlan) -> bool:
+    """Whether torch-x86's u8×s8 kernels would saturate on this layer's codes on this CPU (see
+    :func:`int8_saturates`): they add pairs of products of the codes *as x86 stores them* into
+    16 bits, exact only while ``2 × max|weight code| × max input code <= 32767``. x86 stores
+    weights as qint8 (asymmetric ones shifted by -128: codes down to -128 whatever the bit
+    width) and inputs as quint8 (symmetric ones shifted by +128), so more than the 8-bit ×
+    8-bit layers of :attr:`LayerFormat.saturates` saturate there, e.g. any asymmetric weight
+    with an 8-bit input; torch-x86 runs those in float (exact).
+
+    Example:
+        >>> x86_saturates(LayerPlan(QuantSpec(bits=4), QuantSpec(bits=8)))  # 2 x 7 x 255 fits
+        False
+    """
+    w, a = lp.weight, lp.activation
+    if not LayerFormat.of(lp).int_kernel or not int8_saturates():
+        return False
+    w_max = 2 ** (int(w.bits) - 1) - 1 if w.symmetric else 128
+    a_max = 128 + 2 ** (int(a.bits) - 1) - 1 if a.symmetric else 2 ** int(a.bits) - 1
+    return 2 * w_max * a_max > 32767
+
+
 def act_storage(storage: str, backend: str) -> str:
     # x86 quantized kernels take quint8 inputs only: a symmetric int8 grid is shifted by 128.
     if backend == "torch-x86" and storage == "int8":
@@ -171,12 +192,19 @@ def act_storage(storage: str, backend: str) -> str:
     return storage
 
 
+#: A backend note starting with one of these words describes the layer's kernel itself (an
+#: embedding's lookup, the attention matmuls' operands): :func:`describe_layer` then leaves out
+#: its generic kernel phrase, and gives the weight's integer storage as stored in the artifact.
+OWN_KERNEL_NOTES = ("lookup", "operands")
+
+
 def describe_layer(lp: LayerPlan, backend: str, tail: str | None = None) -> str:
     """Human-readable record of how a layer runs, e.g.
     ``"w4c→int8, a6a→uint8+clip[0,63], int8 kernel, out→calibrated uint8"``.
 
     ``tail`` is the backend's note on the deployed graph around the layer (how its output is
     quantized, ...): it depends only on the kernel formats, so cached measurements keep it.
+    A note starting with a word of :data:`OWN_KERNEL_NOTES` replaces the kernel phrase.
 
     Example:
         >>> describe_layer(LayerPlan(QuantSpec(bits=4), QuantSpec(bits=6, symmetric=False)),
@@ -186,11 +214,14 @@ def describe_layer(lp: LayerPlan, backend: str, tail: str | None = None) -> str:
     fmt = LayerFormat.of(lp)
     parts = []
     w, a = lp.weight, lp.activation
+    own_kernel = bool(tail) and tail.startswith(OWN_KERNEL_NOTES)
     if w.is_float:
         parts.append("w fp16→fp32 (fp16 values)" if w.bits == "fp16" else "w fp32")
     else:
         storage = fmt.weight.storage
-        if backend == "torch-x86":  # x86 weights are qint8; uint8 codes shift by -128
+        if own_kernel:
+            pass  # the note says how the codes run
+        elif backend == "torch-x86":  # x86 weights are qint8; uint8 codes shift by -128
             storage = "qint8" if storage == "int8" else "qint8 (zero-point -128)"
         elif fmt.saturates and storage == "int8":
             storage = "uint8 (codes +128: exact U8U8 kernel)"
@@ -208,7 +239,9 @@ def describe_layer(lp: LayerPlan, backend: str, tail: str | None = None) -> str:
             f"a{a.short()}→{act_storage(fmt.activation.storage, backend)}"
             + (f"+clip[{lo},{hi}]" if fmt.activation.clip else "")
         )
-    if fmt.saturates and backend == "torch-x86":
+    if own_kernel:
+        pass
+    elif backend == "torch-x86" and x86_saturates(lp):
         parts.append("float kernel (x86 u8×s8 int8 kernels saturate on this CPU: no VNNI)")
     elif fmt.int_kernel:
         parts.append("int8 kernel")

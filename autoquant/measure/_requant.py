@@ -24,6 +24,7 @@ from autoquant.transform import (
     QuantizedLayer,
     fx_reads_shape_only,
     fx_rule,
+    has_own_forward,
     reached_grid,
     trace_quantized,
 )
@@ -65,8 +66,15 @@ def layer_grid(name: str) -> str:
 
 
 def grid_prefix(grid: str) -> str:
-    """Prefix of a grid's qparam names: ``conv.act_fq`` -> ``conv.act``, others unchanged."""
-    return grid[: -len("_fq")] if grid.endswith(".act_fq") else grid
+    """Prefix of a grid's qparam names: a layer's quantizer loses its ``_fq`` (``conv.act_fq``
+    -> ``conv.act``, ``mha.matmul.key_fq`` -> ``mha.matmul.key``), others are unchanged."""
+    return grid[: -len("_fq")] if is_layer_grid(grid) else grid
+
+
+def is_layer_grid(grid: str) -> bool:
+    """The grid is a layer's own input quantizer (``<layer>.<operand>_fq``), whose qparams the
+    size counts (roles ``act_scale``/``act_zero_point``), not a quantized add's."""
+    return grid.endswith("_fq")
 
 
 def plan_requant(
@@ -134,7 +142,12 @@ def fx_chains(model: nn.Module, names: Iterable[str]) -> dict[str, tuple[str | N
             mod = module(user)
             if user.op == "output":
                 return []
-            if isinstance(mod, QuantizedLayer) and user.args and user.args[0] is node:
+            if (
+                isinstance(mod, QuantizedLayer)
+                and user.args
+                and user.args[0] is node
+                and not has_own_forward(mod)
+            ):
                 out.append(GridUse(grid=layer_grid(str(user.target))))
             elif isinstance(mod, FakeQuantize):
                 out.append(GridUse(grid=str(user.target)))
@@ -151,9 +164,14 @@ def fx_chains(model: nn.Module, names: Iterable[str]) -> dict[str, tuple[str | N
         users = readers(node)
         return len(users) == 1 and fx_rule(gm, users[0]) is RELU_RULE
 
+    def chain(node: fx.Node) -> tuple[str | None, bool]:
+        if has_own_forward(module(node)):  # type: ignore[arg-type]
+            return None, False  # its own forward runs between the kernel and the readers
+        return reached_grid(node, uses), relu_follows(node)
+
     wanted = set(names)
     return {
-        str(n.target): (reached_grid(n, uses), relu_follows(n))
+        str(n.target): chain(n)
         for n in gm.graph.nodes
         if n.op == "call_module" and str(n.target) in wanted
     }

@@ -3,13 +3,22 @@
 Each integer layer becomes ``clamp (sub-8-bit inputs) -> quantize_per_tensor (quint8) ->
 quantized Conv/Linear (qint8 weights, x86 engine) -> dequantize``; the rest of the model runs
 unchanged in float, except quantized adds (``plan.adds``), which run as ``quantized::add`` /
-``add_relu`` on quint8 operands. Output grids follow the same rules as the ONNX export (exact
-onto the next layer's input grid where possible, else a calibrated 8-bit grid; here also for a
-final Linear, since a quantized Linear always has an integer output). x86 kernels take quint8
-inputs only: a symmetric int8 input grid runs as quint8 with its zero-point shifted by 128
-(same values), and asymmetric uint8 weights as qint8 with zero-point ``Z - 128``. Layers without
-an integer kernel (float weight or input, per-channel input) run float with their quantization
-simulated.
+``add_relu`` on quint8 operands. Output grids follow the same rules as the ONNX export: exact
+onto the next layer's (or add's) input grid where possible; else a Linear (any input rank) keeps
+a float output straight from its int8 kernel (``fbgemm``'s linear with an fp32 output, as ONNX
+Runtime's QGemm / MatMulIntegerToFloat), and a convolution gets a calibrated 8-bit grid. x86
+kernels take quint8 inputs only: a symmetric int8 input grid runs as quint8 with its zero-point
+shifted by 128 (same values), and asymmetric uint8 weights as qint8 with zero-point
+``Z - 128``; where those codes would saturate this CPU's u8×s8 kernels
+(:func:`~autoquant.measure.x86_saturates`) the layer runs in float.
+Layers without an integer kernel (float weight or input, per-channel input) run float with their
+quantization simulated. An embedding (weight-only) becomes torch.ao's 8-bit rowwise
+``Embedding`` (quint8 codes, one fp32 scale and bias per row; sub-8-bit rows as 8-bit codes on
+their grid: same values); the attention matmuls (``<mha>.matmul``) stay simulated (their
+operands quantize-dequantized, float matmuls: torch.ao has no int8 matmul with a float output).
+A replaced layer keeps float ``weight`` and ``bias`` attributes, for code that reads them
+(``nn.TransformerEncoderLayer`` checks ``self_attn.in_proj_bias``). The modules themselves are in
+:mod:`autoquant.measure._x86_modules`; this module decides which runs where.
 
 ``torch.ao.quantization`` is deprecated in torch 2.x; its warnings are silenced here.
 """
@@ -18,29 +27,39 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 
 from autoquant.measure._deploy import (
     DeployedLayer,
-    IntQ,
     activation_intq,
     check_calls,
     deployed_layers,
 )
-from autoquant.measure._formats import plan_formats
+from autoquant.measure._formats import plan_formats, x86_saturates
 from autoquant.measure._layers import deployment_of
 from autoquant.measure._requant import Requant, choose_requant, fx_chains
-from autoquant.quant import FakeQuantize
+from autoquant.measure._x86_modules import (
+    IntKernelLayer,
+    LookupLayer,
+    QuantizedAdd,
+    QuantizeTo,
+    SimulatedLayer,
+    floats_for_float_readers,
+    graph_modules,
+    lower_adds,
+    quint8,
+)
 from autoquant.transform import (
     Inputs,
-    add_outputs,
     add_quantizers,
     call_model,
+    has_own_forward,
     strip_add_quantizers,
 )
 from autoquant.types import QuantPlan
@@ -67,120 +86,6 @@ def use_x86_engine() -> None:
     torch.backends.quantized.engine = "x86"
 
 
-def _quint8(q: IntQ) -> tuple[float, int]:
-    """(scale, zero-point) of a per-tensor grid as quint8."""
-    zp = int(q.zero_point) + (128 if q.storage == "int8" else 0)
-    return float(q.scale), zp
-
-
-class IntKernelLayer(nn.Module):
-    """``dequantize(qlayer(quantize_per_tensor(clamp(x))))`` on the x86 int8 engine.
-
-    With ``emit_quantized`` the output stays a quint8 tensor: set when it is already on the
-    next layer's input grid and reaches it through ops that run on quantized tensors (ReLU,
-    max-pool, flatten, ...), which then skips its own quantize step (same values).
-    """
-
-    def __init__(self, qlayer: nn.Module, in_q: IntQ) -> None:
-        super().__init__()
-        self.qlayer = qlayer
-        self.scale, self.zero_point = _quint8(in_q)
-        self.clip = in_q.clip_range() if in_q.clip else None
-        self.emit_quantized = False
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.is_quantized and (x.q_scale(), x.q_zero_point()) != (self.scale, self.zero_point):
-            x = x.dequantize()  # on another grid (e.g. a quantized add's output)
-        if not x.is_quantized:
-            if self.clip is not None:
-                x = x.clamp(*self.clip)
-            x = torch.quantize_per_tensor(x, self.scale, self.zero_point, torch.quint8)
-        y = self.qlayer(x)
-        return y if self.emit_quantized else y.dequantize()
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_scale={self.scale:.4g}, in_zero_point={self.zero_point}, "
-            f"emit_quantized={self.emit_quantized}"
-        )
-
-
-class QuantizeTo(nn.Module):
-    """Puts a tensor on one quint8 grid (an operand or the output of a quantized add).
-
-    Disabled (``integer=False``), it fake-quantizes in float instead (same values).
-    """
-
-    def __init__(self, q: IntQ) -> None:
-        super().__init__()
-        self.scale, self.zero_point = _quint8(q)
-        self.integer = True
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.is_quantized:
-            if (x.q_scale(), x.q_zero_point()) == (self.scale, self.zero_point):
-                return x
-            x = x.dequantize()
-        y = torch.quantize_per_tensor(x, self.scale, self.zero_point, torch.quint8)
-        return y if self.integer else y.dequantize()
-
-
-class QuantizedAdd(nn.Module):
-    """``quantized::add`` (or ``add_relu``) of two quint8 tensors onto the output grid."""
-
-    def __init__(self, q: IntQ, relu: bool) -> None:
-        super().__init__()
-        self.scale, self.zero_point = _quint8(q)
-        self.relu = relu
-
-    def forward(self, a: Tensor, b: Tensor) -> Tensor:
-        if not (a.is_quantized and b.is_quantized):  # a float fallback upstream
-            a = a.dequantize() if a.is_quantized else a
-            b = b.dequantize() if b.is_quantized else b
-            return torch.relu(a + b) if self.relu else a + b
-        op = torch.ops.quantized.add_relu if self.relu else torch.ops.quantized.add
-        return op(a, b, self.scale, self.zero_point)
-
-
-def _lower_adds(gm: fx.GraphModule) -> None:
-    """Quantizer calls become :class:`QuantizeTo` and each add between them a
-    :class:`QuantizedAdd` (see :func:`autoquant.transform.quantize_adds`)."""
-    graph = gm.graph
-    grids: dict[fx.Node, IntQ] = {}
-    for node in graph.nodes:
-        fq = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
-        if isinstance(fq, FakeQuantize):
-            q = activation_intq(fq, str(node.target))
-            gm.add_submodule(str(node.target), QuantizeTo(q))
-            grids[node] = q
-    count = 0
-    for node, out in add_outputs(gm):
-        quantizer = next(iter(out.users)) if len(out.users) == 1 else None
-        if quantizer not in grids:
-            continue
-        name = f"_aq_add{count}"
-        gm.add_submodule(name, QuantizedAdd(grids[quantizer], relu=out is not node))
-        with graph.inserting_before(node):
-            new = graph.call_module(name, tuple(node.args))
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
-        count += 1
-    graph.lint()
-    gm.recompile()
-
-
-class SimulatedLayer(nn.Module):
-    """A float layer with its input quantization simulated (no integer kernel exists)."""
-
-    def __init__(self, float_layer: nn.Module, act_fq: nn.Module) -> None:
-        super().__init__()
-        self.act_fq = act_fq
-        self.layer = float_layer
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.layer(self.act_fq(x))
-
-
 def _qweight(dl: DeployedLayer) -> Tensor:
     q = dl.weight_q
     shift = 128 if q.storage == "uint8" else 0
@@ -193,26 +98,128 @@ def _qweight(dl: DeployedLayer) -> Tensor:
     return torch.quantize_per_channel(w, scale.reshape(-1), zp.reshape(-1), q.axis, torch.qint8)
 
 
-def _int_module(dl: DeployedLayer, out: IntQ) -> nn.Module | None:
-    """The quantized torch module of an integer layer (its type's declared x86 module, see
+def _int_module(dl: DeployedLayer, rq: Requant) -> IntKernelLayer | None:
+    """The integer layer on its type's declared x86 module (see
     :func:`~autoquant.measure.register_deployment`), or None if x86 has no such kernel."""
     dep = deployment_of(dl.float_module)
     if dl.weight_q.axis not in (None, 0) or dep is None or dep.x86 is None:
+        return None
+    if rq.mode == "float" and dep.x86_float_output is None:
         return None
     q = dep.x86(dl.float_module)
     if q is None:
         return None
     bias = getattr(dl.float_module, "bias", None)
     q.set_weight_bias(_qweight(dl), None if bias is None else bias.detach().float())
-    q.scale, q.zero_point = _quint8(out)
-    return q
+    float_output = None
+    if rq.mode == "float":
+        float_output = dep.x86_float_output(q)  # type: ignore[misc]
+    else:
+        q.scale, q.zero_point = quint8(rq.q)
+    out = IntKernelLayer(q, dl.act_q, float_output)
+    out._keep_params(dl)
+    return out
+
+
+def _rowwise_weight(dl: DeployedLayer) -> Tensor:
+    """The weight's codes as torch.ao's 8-bit rowwise format: quint8 per row, float qparams
+    (a per-tensor grid repeated per row; symmetric codes +128). The values are the simulated
+    ones: ``(q - Z) * S`` requantizes to exactly ``q``."""
+    q = dl.weight_q
+    rows = dl.weight_value.shape[0]
+    shift = 128 if q.storage == "int8" else 0
+    scale = torch.from_numpy(q.scale).double().reshape(-1).expand(rows).contiguous()
+    zp = (torch.from_numpy(q.zero_point).double().reshape(-1) + shift).expand(rows).contiguous()
+    return torch.quantize_per_channel(dl.weight_value, scale, zp, 0, torch.quint8)
+
+
+def _lookup_module(dl: DeployedLayer) -> LookupLayer | None:
+    """A weight-only layer on its type's declared x86 module (8-bit rowwise), or None."""
+    dep = deployment_of(dl.float_module)
+    if dl.weight_q is None or dl.weight_q.axis not in (None, 0) or dep is None or dep.x86 is None:
+        return None
+    q = dep.x86(dl.float_module)
+    if q is None:
+        return None
+    q.set_weight(_rowwise_weight(dl))
+    out = LookupLayer(q)
+    out._keep_params(dl)
+    return out
 
 
 def _simulated(dl: DeployedLayer) -> nn.Module:
-    f = copy.deepcopy(dl.float_module)
+    f = _as_class(dl.float_module, deployment_of(dl.float_module).float_type)  # type: ignore[union-attr]
     with torch.no_grad():
         f.weight = nn.Parameter(dl.weight_value.clone(), requires_grad=False)
-    return SimulatedLayer(f, dl.act_fq)
+    out = SimulatedLayer(f, dl.act_fq)
+    out._keep_params(dl)
+    return out
+
+
+def _as_class(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
+    """A shallow copy of ``module`` (same tensors, own dicts) of class ``cls``."""
+    out = copy.copy(module)
+    for attr in ("_parameters", "_buffers", "_modules"):
+        setattr(out, attr, dict(getattr(module, attr)))
+    out.__class__ = cls
+    return out
+
+
+@functools.cache
+def _primitive_mixin(base: type[nn.Module], primitive: str) -> type[nn.Module]:
+    """``base`` with its ``primitive`` calling the ``x86_kernel`` submodule."""
+
+    def call(self: nn.Module, input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if primitive == "forward":  # e.g. an embedding bag's offsets
+            return self.x86_kernel(input, *args, **kwargs)
+        return self.x86_kernel(input)  # the weight and bias are the kernel's
+
+    return type(f"X86{base.__name__}Primitive", (base,), {primitive: call})
+
+
+def _in_own_forward(dl: DeployedLayer, kernel: nn.Module) -> nn.Module:
+    """A subclass with a forward of its own keeps it: a copy of the float layer whose primitive
+    (see :func:`~autoquant.measure.register_deployment`) runs ``kernel``."""
+    dep = deployment_of(dl.float_module)
+    cls = type(dl.float_module)
+    mixin = _primitive_mixin(dep.float_type, dep.primitive)  # type: ignore[union-attr]
+    out = _as_class(dl.float_module, type(f"X86{cls.__name__}", (cls, mixin), {}))
+    out.x86_kernel = kernel
+    if dl.weight_value is not None:
+        out.weight = nn.Parameter(dl.weight_value.clone(), requires_grad=False)
+    return out
+
+
+def _lowered(dl: DeployedLayer, rq: Requant | None) -> tuple[nn.Module | None, str | None]:
+    """The module replacing a plan layer (None: the fake-quant layer stays) and its note."""
+    new, note = _kernel(dl, rq)
+    if new is not None and has_own_forward(dl.float_module):
+        new = _in_own_forward(dl, new)
+    return new, note
+
+
+def _kernel(dl: DeployedLayer, rq: Requant | None) -> tuple[nn.Module | None, str | None]:
+    """What runs a plan layer's primitive (None: the fake-quant layer stays) and its note."""
+    if not dl.has_weight:
+        return None, (
+            "operands quantize-dequantized on their grids, float matmuls (torch.ao has no int8 "
+            "matmul with a float output)"
+        )
+    if dl.weight_only:
+        lookup = _lookup_module(dl)
+        if lookup is not None:
+            return lookup, (
+                "lookup in torch.ao's 8-bit rowwise table (quint8 codes on their grid, fp32 "
+                "scale and bias per row)"
+            )
+        return _simulated(dl), "lookup in a float table of the dequantized rows"
+    fmt = dl.format
+    if fmt.int_kernel and not x86_saturates(dl.plan) and rq is not None:
+        new = _int_module(dl, rq)
+        if new is not None:
+            return new, "out→" + rq.describe("torch-x86")
+        return _simulated(dl), "no x86 kernel for this layer: simulated in float"
+    return _simulated(dl), None
 
 
 def lower_to_torch_x86(
@@ -260,14 +267,20 @@ def _analyse(
     model: nn.Module, plan: QuantPlan, example_input: Inputs, calib_inputs: Iterable[Inputs] | None
 ) -> tuple[dict[str, DeployedLayer], dict[str, Requant]]:
     """The plan's integer layers and their output grids, over the model's ``torch.fx`` graph
-    (the same rules and walk as the ONNX export: no ``onnx`` needed). A Linear's output gets a
-    grid too: x86's quantized Linear has an integer output."""
+    (the same rules and walk as the ONNX export: no ``onnx`` needed). Without an exact grid, a
+    type with a float-output x86 kernel (a Linear) keeps a float output, any other (a
+    convolution: its quantized module has an integer output) gets a calibrated grid."""
     layers = deployed_layers(model, plan)
     check_calls(model, layers, example_input)
     grids = {t: activation_intq(fq, t) for t, fq in add_quantizers(model).items()}
     chains = fx_chains(model, layers)
     inputs = [example_input] if calib_inputs is None else list(calib_inputs)
-    return layers, choose_requant(model, layers, chains, grids, inputs, float_output_ok=set())
+    float_ok = {
+        n
+        for n, dl in layers.items()
+        if getattr(deployment_of(dl.float_module), "x86_float_output", None) is not None
+    }
+    return layers, choose_requant(model, layers, chains, grids, inputs, float_output_ok=float_ok)
 
 
 def lower_with_notes(
@@ -282,27 +295,21 @@ def lower_with_notes(
     use_x86_engine()
     layers, requant = _analyse(model, plan or QuantPlan(), example_input, calib_inputs)
     out = copy.deepcopy(model).eval()
-    if isinstance(out, fx.GraphModule):
-        # The adds' quantizers move out of the layers about to be replaced.
-        strip_add_quantizers(out, out.get_submodule)
-        _lower_adds(out)
+    # The adds' quantizers move out of the layers about to be replaced.
+    strip_add_quantizers(out, out.get_submodule)
+    for gm in graph_modules(out):
+        lower_adds(gm)
     tails: dict[str, str] = {}
     with quiet_ao():
         for name, dl in layers.items():
-            rq: Requant | None = requant.get(name)
-            new = None
-            if dl.format.int_kernel and not dl.format.saturates and rq is not None:
-                new = _int_module(dl, rq.q)
+            new, note = _lowered(dl, requant.get(name))
+            if note is not None:
+                tails[name] = note
             if new is not None:
-                new = IntKernelLayer(new, dl.act_q)
-                tails[name] = "out→" + rq.describe("torch-x86")
-            else:
-                new = _simulated(dl)
-                if dl.format.int_kernel and not dl.format.saturates:
-                    tails[name] = "no x86 kernel for this layer: simulated in float"
-            parent, _, child = name.rpartition(".")
-            setattr(out.get_submodule(parent) if parent else out, child, new)
+                parent, _, child = name.rpartition(".")
+                setattr(out.get_submodule(parent) if parent else out, child, new)
         out.eval()
+        floats_for_float_readers(out)
         if keep_quantized:
             _keep_runs_quantized(out, requant)
         with torch.inference_mode():
@@ -341,7 +348,7 @@ def kernel_counts(module: nn.Module) -> dict[str, int]:
     float."""
     counts: dict[str, int] = {}
     for m in module.modules():
-        if isinstance(m, IntKernelLayer):
+        if isinstance(m, (IntKernelLayer, LookupLayer)):
             key = "int8:" + type(m.qlayer).__name__
         elif isinstance(m, SimulatedLayer):
             key = "float:" + type(m.layer).__name__

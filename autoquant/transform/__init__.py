@@ -51,6 +51,7 @@ from autoquant.transform._grid_rules import (
     GridUse,
     fx_reads_shape_only,
     fx_rule,
+    has_own_forward,
     reached_grid,
 )
 from autoquant.transform._inputs import (
@@ -118,6 +119,7 @@ __all__ = [
     "fold_batchnorm_",
     "fx_reads_shape_only",
     "fx_rule",
+    "has_own_forward",
     "inputs_to",
     "is_quantizable",
     "keep_slow_path_",

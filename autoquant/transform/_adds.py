@@ -17,19 +17,35 @@ feeds a quantized layer whose input is 8-bit per-tensor, the layer's own input q
 reused (called at both places; fake-quant is idempotent). Otherwise a new quantizer with the
 plan's ``adds`` spec is registered as ``<scope>.<add>.in<i>`` or ``<scope>.<add>.out``, e.g.
 ``layer1.0.add.out``.
+
+Transformers: ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder`` are traced along
+their Python path (the one a quantized layer always takes, see
+:func:`~autoquant.transform.keep_slow_path_`), with every ``MultiheadAttention`` a leaf, so their
+residual adds are quantized too (each add feeds a LayerNorm, which stays float). A model that
+``torch.fx`` cannot trace as a whole (a Hugging Face ``BertModel``: its mask preparation branches
+on values) gets quantized adds in the largest submodules it can trace whose ``forward`` takes
+required arguments only (a graph traced with a placeholder for an optional argument would be
+wrong when that argument is left out): for BERT, the ``BertSelfOutput`` and ``BertOutput`` of
+each layer, which hold the two residual adds. Each such submodule becomes a
+``torch.fx.GraphModule`` in place, with its quantizers named below it
+(``bert.encoder.layer.0.output.add.in0``); any other add stays float, with a warning.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import operator
 import warnings
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import fx, nn
 
 from autoquant.quant import FakeQuantize
-from autoquant.transform._grid_rules import RELU_RULE, fx_module, fx_rule
+from autoquant.transform._attention import ExplicitMultiheadAttention
+from autoquant.transform._grid_rules import RELU_RULE, fx_module, fx_rule, has_own_forward
 from autoquant.transform._registry import QuantizedLayer
 from autoquant.types import QuantSpec
 
@@ -37,17 +53,87 @@ _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _NON_TENSOR_METHODS = {"size", "dim", "numel", "item", "tolist"}
 
 
+def _encoder_layer_forward(
+    layer: nn.TransformerEncoderLayer,
+    src: Any,
+    src_mask: Any = None,
+    src_key_padding_mask: Any = None,
+    is_causal: Any = False,
+) -> Any:
+    """``nn.TransformerEncoderLayer.forward`` along its Python path, for tracing.
+
+    The masks go to the attention as they are: ``ExplicitMultiheadAttention`` and
+    ``nn.MultiheadAttention`` turn a boolean mask into the same additive one the layer would
+    have made (``F._canonical_mask``, which branches on the mask's dtype and so cannot be
+    traced).
+    """
+    x = src
+    if layer.norm_first:
+        x = x + layer._sa_block(layer.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
+        return x + layer._ff_block(layer.norm2(x))
+    x = layer.norm1(x + layer._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal))
+    return layer.norm2(x + layer._ff_block(x))
+
+
+def _encoder_forward(
+    encoder: nn.TransformerEncoder,
+    src: Any,
+    mask: Any = None,
+    src_key_padding_mask: Any = None,
+    is_causal: Any = None,
+) -> Any:
+    """``nn.TransformerEncoder.forward`` without nested tensors, for tracing. ``is_causal``
+    (a hint PyTorch may derive from the mask's values) is passed on as given: with a mask, the
+    attention applies the mask whatever the hint."""
+    out = src
+    causal = False if is_causal is None else is_causal
+    for layer in encoder.layers:
+        out = layer(out, src_mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=causal)
+    return out if encoder.norm is None else encoder.norm(out)
+
+
+#: Modules traced through a forward of our own (their own has fast paths and value checks).
+_TRACED_FORWARDS: dict[type[nn.Module], Callable[..., Any]] = {
+    nn.TransformerEncoderLayer: _encoder_layer_forward,
+    nn.TransformerEncoder: _encoder_forward,
+}
+
+
+def _traced_forward(m: nn.Module) -> Callable[..., Any] | None:
+    """Our forward for ``m``, unless its class overrides the one we replace."""
+    for cls, forward in _TRACED_FORWARDS.items():
+        if isinstance(m, cls) and type(m).forward is cls.forward:
+            return functools.partial(forward, m)
+    return None
+
+
 class _Tracer(fx.Tracer):
-    """Keeps fake-quant wrappers and quantizers as leaves."""
+    """Keeps fake-quant wrappers, quantizers and attentions as leaves; traces transformer
+    encoder layers along their Python path (see the module doc)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (QuantizedLayer, FakeQuantize)) or super().is_leaf_module(m, qualname)
+        if _traced_forward(m) is not None:
+            return False
+        leaf = (QuantizedLayer, FakeQuantize, ExplicitMultiheadAttention)
+        return isinstance(m, leaf) or super().is_leaf_module(m, qualname)
+
+    def call_module(
+        self,
+        m: nn.Module,
+        forward: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        return super().call_module(m, _traced_forward(m) or forward, args, kwargs)
 
 
 def _trace(model: nn.Module) -> fx.Graph:
     """The model's graph; raises when it depends on train/eval mode (``self.training`` is
     frozen into a traced graph, so dropout would stay on, or off, for good)."""
     modes = {m: m.training for m in model.modules()}
+    cls, forward = type(model), _traced_forward(model)
+    if forward is not None:  # a root is traced from its class's forward: swap it for ours
+        model.__class__ = type(cls.__name__, (cls,), {"forward": forward.func})
     try:
         graphs = []
         for training in (True, False):
@@ -55,6 +141,7 @@ def _trace(model: nn.Module) -> fx.Graph:
             graph = _Tracer().trace(model)
             graphs.append((graph, graph.python_code("self").src))
     finally:
+        model.__class__ = cls
         for m, training in modes.items():
             m.training = training
     if graphs[0][1] != graphs[1][1]:
@@ -111,22 +198,39 @@ def _source(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     return node
 
 
-def _reached(gm: fx.GraphModule, node: fx.Node) -> Iterator[fx.Node]:
-    """Nodes that read ``node`` directly or through grid-keeping ops."""
+def _reached(gm: fx.GraphModule, node: fx.Node) -> Iterator[tuple[fx.Node, fx.Node]]:
+    """``(reader, value read)`` of the nodes that read ``node`` directly or through
+    grid-keeping ops."""
     for user in node.users:
-        yield user
+        yield user, node
         if _keeps_grid(gm, user):
             yield from _reached(gm, user)
 
 
+def _input_quantizer(gm: fx.GraphModule, user: fx.Node, value: fx.Node) -> str | None:
+    """The 8-bit per-tensor input quantizer (its target) with which ``user`` reads ``value``:
+    a quantized layer's, or the packed in-projection's of a self-attention called on it."""
+    module = fx_module(gm, user)
+    if isinstance(module, ExplicitMultiheadAttention):
+        if not (len(user.args) >= 3 and all(a is value for a in user.args[:3])):
+            return None
+        module, target = getattr(module, "in_proj", None), f"{user.target}.in_proj"
+    else:
+        target = str(user.target)
+    if not isinstance(module, QuantizedLayer) or not module.quantizes_input:
+        return None
+    if has_own_forward(module):  # its quantizer may see another tensor than ``value``
+        return None
+    spec = module.layer_plan.activation
+    return f"{target}.act_fq" if spec.bits == 8 and not spec.per_channel else None
+
+
 def _shared_quantizer(gm: fx.GraphModule, node: fx.Node) -> str | None:
     """The input quantizer of an 8-bit per-tensor quantized layer that reads ``node``."""
-    for user in _reached(gm, node):
-        layer = fx_module(gm, user)
-        if isinstance(layer, QuantizedLayer):
-            spec = layer.layer_plan.activation
-            if spec.bits == 8 and not spec.per_channel:
-                return f"{user.target}.act_fq"
+    for user, value in _reached(gm, node):
+        target = _input_quantizer(gm, user, value)
+        if target is not None:
+            return target
     return None
 
 
@@ -165,7 +269,9 @@ def quantize_adds(model: nn.Module, spec: QuantSpec) -> tuple[nn.Module, list[st
     Returns ``(module, add names)``. ``module`` is a ``torch.fx.GraphModule`` keeping the
     submodule names of ``model`` when it has adds, else ``model`` itself. A model that
     ``torch.fx`` cannot trace, or whose traced graph depends on train/eval mode (e.g.
-    ``F.dropout(x, training=self.training)``), keeps float adds, with a warning.
+    ``F.dropout(x, training=self.training)``), keeps float adds, with a warning, except in the
+    submodules that can be traced (see the module doc): ``module`` is then ``model``, with
+    those submodules replaced in place.
 
     Example:
         >>> class Res(nn.Module):
@@ -180,18 +286,34 @@ def quantize_adds(model: nn.Module, spec: QuantSpec) -> tuple[nn.Module, list[st
     """
     try:
         graph = _trace(model)
-    except Exception as e:  # noqa: BLE001 - any tracing failure means "no adds found"
+    except Exception as e:  # noqa: BLE001 - any tracing failure means "no adds found" here
+        names = _quantize_subtrees(model, spec)
+        where = (
+            f"; adds quantized in the submodules it can trace: {sorted({_owner(n) for n in names})}"
+            ", any other add stays float"
+            if names
+            else "; its adds stay float"
+        )
         warnings.warn(
-            f"autoquant: {type(model).__name__} cannot be traced by torch.fx ({e}); its adds "
-            "stay float",
+            f"autoquant: {type(model).__name__} cannot be traced by torch.fx ({e}){where}",
             stacklevel=2,
         )
-        return model, []
+        return model, names
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    names = _quantize_graph(gm, spec)
+    return (gm, names) if names else (model, [])
+
+
+def _owner(add_name: str) -> str:
+    return add_name.rpartition(".")[0] or "<model>"
+
+
+def _quantize_graph(gm: fx.GraphModule, spec: QuantSpec) -> list[str]:
+    """Fake-quantize the adds of ``gm``'s graph in place; returns their names."""
     adds = add_outputs(gm)
     if not adds:
-        return model, []
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        return []
+    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
     counts: dict[str, int] = {}
     names = []
 
@@ -219,39 +341,85 @@ def quantize_adds(model: nn.Module, spec: QuantSpec) -> tuple[nn.Module, list[st
             q = gm.graph.call_module(target, (out,))
         out.replace_all_uses_with(q, delete_user_cb=lambda user, q=q: user is not q)
     gm.recompile()
-    return gm, names
+    return names
+
+
+def _required_args_only(module: nn.Module) -> bool:
+    """``forward`` takes required positional-or-keyword arguments only (a graph traced with a
+    placeholder for an optional argument could be wrong when a caller leaves it out)."""
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return all(
+        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+        for p in params
+    )
+
+
+def _quantize_subtrees(module: nn.Module, spec: QuantSpec, prefix: str = "") -> list[str]:
+    """Quantize the adds of the largest traceable submodules of ``module`` (see the module
+    doc), each replaced in place by its ``GraphModule``; returns the adds' full names."""
+    names: list[str] = []
+    for child_name, child in list(module.named_children()):
+        path = f"{prefix}{child_name}"
+        if isinstance(child, (QuantizedLayer, FakeQuantize, ExplicitMultiheadAttention)):
+            continue
+        if _traced_forward(child) is not None or _required_args_only(child):
+            try:
+                graph = _trace(child)
+            except Exception:  # noqa: BLE001 - not traceable: look inside it
+                graph = None
+            if graph is not None:
+                gm = fx.GraphModule(child, graph, class_name=type(child).__name__)
+                found = _quantize_graph(gm, spec)
+                if found:
+                    setattr(module, child_name, gm)
+                    names += [f"{path}.{n}" for n in found]
+                continue
+        names += _quantize_subtrees(child, spec, f"{path}.")
+    return names
+
+
+def _graph_modules(model: nn.Module) -> list[tuple[str, fx.GraphModule]]:
+    """``(prefix, module)`` of ``model`` and its submodules that are ``GraphModule``s (where
+    :func:`quantize_adds` puts its quantizer calls); the prefix ends with a dot."""
+    return [
+        (f"{name}." if name else "", m)
+        for name, m in model.named_modules()
+        if isinstance(m, fx.GraphModule)
+    ]
 
 
 def add_quantizers(model: nn.Module) -> dict[str, FakeQuantize]:
-    """Quantizer calls that :func:`quantize_adds` inserted in ``model``'s graph, by target
-    (shared ones under their layer's name, e.g. ``layer1.1.conv1.act_fq``); empty for a model
-    without quantized adds."""
-    if not isinstance(model, fx.GraphModule):
-        return {}
+    """Quantizer calls that :func:`quantize_adds` inserted in ``model``'s graphs, by full
+    target (shared ones under their layer's name, e.g. ``layer1.1.conv1.act_fq``); empty for a
+    model without quantized adds."""
     out = {}
-    for node in model.graph.nodes:
-        mod = fx_module(model, node)
-        if isinstance(mod, FakeQuantize):
-            out[str(node.target)] = mod
+    for prefix, gm in _graph_modules(model):
+        for node in gm.graph.nodes:
+            mod = fx_module(gm, node)
+            if isinstance(mod, FakeQuantize):
+                out[prefix + str(node.target)] = mod
     return out
 
 
-def strip_add_quantizers(
-    model: fx.GraphModule, mark: Callable[[str], nn.Module] | None = None
-) -> None:
-    """Remove the quantizer calls of :func:`quantize_adds` from ``model``'s graph, in place, or
-    with ``mark``, call ``mark(target)`` modules in their place (registered as
-    ``_aq_mark<i>``). Used to build the float or deployed twin of a quantized model."""
-    for i, node in enumerate(list(model.graph.nodes)):
-        if not _is_quantizer(model, node):
-            continue
-        if mark is None:
-            node.replace_all_uses_with(node.args[0])
-            model.graph.erase_node(node)
-        else:
-            new = f"_aq_mark{i}"
-            model.add_submodule(new, mark(str(node.target)))
-            node.target = new
-    model.graph.lint()
-    model.recompile()
-    model.delete_all_unused_submodules()
+def strip_add_quantizers(model: nn.Module, mark: Callable[[str], nn.Module] | None = None) -> None:
+    """Remove the quantizer calls of :func:`quantize_adds` from ``model``'s graphs, in place,
+    or with ``mark``, call ``mark(target)`` modules in their place (``target`` is the full
+    name; registered as ``_aq_mark<i>`` in the graph's module). Used to build the float or
+    deployed twin of a quantized model."""
+    for prefix, gm in _graph_modules(model):
+        for i, node in enumerate(list(gm.graph.nodes)):
+            if not _is_quantizer(gm, node):
+                continue
+            if mark is None:
+                node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)
+            else:
+                new = f"_aq_mark{i}"
+                gm.add_submodule(new, mark(prefix + str(node.target)))
+                node.target = new
+        gm.graph.lint()
+        gm.recompile()
+        gm.delete_all_unused_submodules()

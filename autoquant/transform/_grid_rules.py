@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from autoquant.transform._registry import registered_base
+
 
 @dataclass(frozen=True)
 class GridRule:
@@ -120,6 +122,24 @@ def fx_reads_shape_only(node: fx.Node) -> bool:
     if node.op == "call_method":
         return node.target in SHAPE_ONLY_FX_METHODS
     return node.op == "call_function" and node.target is getattr and node.args[1] in _SHAPE_ATTRS
+
+
+def has_own_forward(layer: nn.Module) -> bool:
+    """Whether a quantizable layer's class (a user subclass) runs a ``forward`` of its own
+    around the primitive the simulation quantizes: what the primitive reads, on the layer's
+    input grid, may then differ from the layer's input (``super().forward(x - 0.5)``), so a
+    producer must not quantize its output onto that grid.
+
+    Example:
+        >>> class Shifted(nn.Linear):
+        ...     def forward(self, x):
+        ...         return super().forward(x - 0.5)
+        >>> has_own_forward(Shifted(2, 2)), has_own_forward(nn.Linear(2, 2))
+        (True, False)
+    """
+    cls = getattr(type(layer), "float_type", type(layer))
+    base = registered_base(cls)
+    return base is not None and cls.forward is not base.forward
 
 
 def fx_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:

@@ -96,3 +96,127 @@ def quantized(model: nn.Module, plan: QuantPlan, batches: Iterable[Tensor]) -> n
         for x in batches:
             q(x)
     return q.eval()
+
+
+# Models users bring (tokens, transformers, subclasses) and the deployed-equals-simulated check
+BACKENDS = ("onnxruntime", "torch-x86")
+A8 = QuantSpec(bits=8, symmetric=False)
+W8C = QuantSpec(bits=8, granularity="per_channel")
+W4C = QuantSpec(bits=4, granularity="per_channel")
+VOCAB, SEQ, EMBED, HEADS = 30, 7, 16, 2
+
+
+class TokenClassifier(nn.Module):
+    """``nn.Embedding`` + ``nn.TransformerEncoderLayer(batch_first=True)`` + mean pooling +
+    ``nn.Linear``. ``mask``: ``None`` (ids only), ``"bool"`` or ``"float"`` (a second input,
+    1/True for a real token: the padding mask and the pooling read it)."""
+
+    def __init__(self, mask: str | None = None, layers: int = 1, norm_first: bool = False):
+        super().__init__()
+        self.mask = mask
+        self.emb = nn.Embedding(VOCAB, EMBED, padding_idx=0)
+        layer = nn.TransformerEncoderLayer(
+            EMBED, HEADS, 32, dropout=0.0, batch_first=True, norm_first=norm_first
+        )
+        self.encoder = (
+            layer
+            if layers == 1
+            else nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        )
+        self.head = nn.Linear(EMBED, 3)
+
+    def forward(self, ids: Tensor, keep: Tensor | None = None) -> Tensor:
+        if keep is None:
+            return self.head(self.encoder(self.emb(ids)).mean(1))
+        # A float padding mask is additive (a large negative value on padded keys).
+        pad = ~keep if self.mask == "bool" else (1.0 - keep) * -1e4
+        x = self.encoder(self.emb(ids), src_key_padding_mask=pad)
+        w = keep.to(x.dtype).unsqueeze(-1)
+        return self.head((x * w).sum(1) / w.sum(1))
+
+
+def token_batches(mask: str | None, n: int = 3, batch: int = 16) -> list[Tensor | tuple]:
+    """Token ids (int64, padded at the end with id 0 as tokenizers do) and, with ``mask``, the
+    keep mask as bool or float."""
+    out: list[Tensor | tuple] = []
+    for s in range(n):
+        g = torch.Generator().manual_seed(100 + s)
+        ids = torch.randint(1, VOCAB, (batch, SEQ), generator=g)
+        keep = torch.ones(batch, SEQ, dtype=torch.bool)
+        for i in range(batch):
+            keep[i, SEQ - (i % 3) :] = False
+        ids[~keep] = 0
+        if mask is None:
+            out.append(ids)
+        else:
+            out.append((ids, keep if mask == "bool" else keep.float()))
+    return out
+
+
+def seeded_layer_norms(model: nn.Module) -> nn.Module:
+    """Give every LayerNorm non-trivial parameters (as a trained model has: equal parameters
+    of freshly initialised LayerNorms would be stored once by the ONNX exporter)."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
+    return model
+
+
+def quantized_inputs(model: nn.Module, plan: QuantPlan, batches: Iterable) -> nn.Module:
+    """apply_plan + calibration on ``batches`` of any input form."""
+    from autoquant.transform import call_model
+
+    q = apply_plan(model, plan)
+    with calibration(q):
+        for x in batches:
+            call_model(q, x)
+    return q.eval()
+
+
+def first(x: Tensor | tuple) -> Tensor | tuple:
+    """The first sample of a batch, in the same form (the example input of a deployment)."""
+    return tuple(t[:1] for t in x) if isinstance(x, tuple) else x[:1]
+
+
+def deployed_output(
+    backend: str, q: nn.Module, plan: QuantPlan | None, batches: list, x: Tensor | tuple
+) -> Tensor:
+    """``q`` (calibrated on ``batches``) deployed on ``backend``, run on ``x``."""
+    from autoquant.measure import get_backend
+
+    deployed = get_backend(backend).deploy(
+        q, plan, first(batches[0]), threads=1, calib_inputs=batches
+    )
+    return deployed.run(x)
+
+
+def assert_deploys_like(out: Tensor, ref: Tensor, *, rounded: bool = False) -> None:
+    """The deployed outputs are the simulated ones.
+
+    Where every integer layer's output is float or lands exactly on the grid the simulation
+    quantizes it to next, both compute the same values in another order: float rounding
+    (~1e-7 relative), and, rarely, a value that rounding moves across a quantization tie, so
+    that one code of one activation differs by one step (an output then moves by one step
+    times a weight: at most ~1 % of the range here). Hence: nearly all outputs equal (within
+    1e-5 of the range), none off by more than 2 %. A systematic difference (a missing or extra
+    quantizer, a wrong grid or scale) moves most outputs and fails the first check.
+
+    ``rounded``: some integer layer's output is rounded onto an 8-bit grid by arithmetic the
+    simulation does not share: a calibrated grid of the observed range (a convolution with no
+    exact grid after it: up to half a step, 0.2 % of the range), or ONNX Runtime's QLinearConv,
+    which adds the float bias as int32 steps of ``S_in * S_w`` (up to half such a step: with
+    4-bit weights a few percent of an output step, so some next-layer codes move by one). Then
+    many outputs move by a step or two: a mean error under 0.5 % of the range, none over 2 %.
+    """
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    scale = float(ref.abs().max())
+    err = (out - ref).abs()
+    assert float(err.max()) <= 0.02 * scale, f"max error {float(err.max()):.3g} of {scale:.3g}"
+    if rounded:
+        assert float(err.mean()) <= 0.005 * scale, f"mean error {float(err.mean()):.3g}"
+    else:
+        equal = float((err <= 1e-5 * scale).float().mean())
+        assert equal >= 0.9, f"only {equal:.0%} of the outputs equal the simulation"

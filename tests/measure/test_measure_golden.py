@@ -18,7 +18,13 @@ Re-recorded on purpose since: the torch-x86 notes of ``tokens-mixed`` (x86 reads
 grids from the ``torch.fx`` graph, which sees a 3-D Linear's whole output: exact, not
 calibrated), and the file digests of the exports with sub-8-bit weights (``model.onnx`` now holds
 their int8 codes too, so that it loads in a plain ONNX Runtime session; the graph digests, which
-cover the complete model, did not change).
+cover the complete model, did not change); and the torch-x86 notes of every final Linear
+(``out→quint8 (calibrated range)`` became ``out→float``: x86 Linears now keep a float output
+straight from fbgemm's int8 kernel where no exact grid follows, as ONNX Runtime's QGemm does),
+and, in ``resnet8-mixed-saturating``, the x86 notes of the two layers with asymmetric 6-bit
+weights and 7-bit symmetric inputs: float kernels now, since the codes x86 stores for them
+(weights down to -128, inputs up to 191) saturate u8×s8 kernels without VNNI
+(:func:`~autoquant.measure.x86_saturates`).
 """
 
 from __future__ import annotations
@@ -119,6 +125,18 @@ class _PaddedShortcut(nn.Module):
         return self.conv2(h) + F.pad(h, (0, 0, 0, 0, 0, 4))
 
 
+class _Transformer(nn.Module):
+    """A post-norm encoder layer on float tokens, pooled: attention, LayerNorms, residual adds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.TransformerEncoderLayer(6, 2, 12, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x).mean(1))
+
+
 class _Tokens(nn.Module):
     """A Linear on a 3-D input (MatMul + Add), a bias-free Linear (Gemm), a pooled head."""
 
@@ -162,6 +180,23 @@ def _all(spec: LayerPlan, adds: QuantSpec | None = None) -> Callable[[nn.Module]
 
 
 W8A8 = LayerPlan(W8, A8)
+
+
+def _all_with_matmuls(adds: QuantSpec) -> Callable[[nn.Module], QuantPlan]:
+    """w4a8 on every layer, the attention matmuls' operands on 8-bit grids, 8-bit adds."""
+
+    def make(model: nn.Module) -> QuantPlan:
+        layers = {
+            n: LayerPlan(QuantSpec(bits="fp32"), A8)
+            if n.endswith(".matmul")
+            else LayerPlan(QuantSpec(bits=4, granularity="per_channel"), A8)
+            for n in quantizable_names(model)
+        }
+        return QuantPlan(layers, adds=adds)
+
+    return make
+
+
 ODD = QuantPlan(
     {
         "conv1": LayerPlan(
@@ -205,6 +240,10 @@ CASES: dict[str, dict[str, object]] = {
         lambda: _seeded(LeNet5), _all(W8A8), (1, 32, 32), saturates=True
     ),
     "tokens-mixed": _case(lambda: _seeded(_Tokens), _cycled(), (5, 6)),
+    # Recorded when attention matmuls and transformer adds began to deploy (EXPORT_REVISION 3).
+    "transformer-matmul-int8-adds": _case(
+        lambda: _seeded(_Transformer), _all_with_matmuls(A8), (5, 6)
+    ),
 }
 
 

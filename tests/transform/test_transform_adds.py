@@ -510,3 +510,226 @@ def test_quantize_adds_follows_the_table(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(_grid_rules, "GRID_RULES", kept)
     in1 = sorted(n for n in add_quantizers(apply_plan(model, plan)) if n.endswith(".in1"))
     assert in1 == ["layer2.0.add.in1", "layer3.0.add.in1"]
+
+
+# Transformers: residual adds inside encoder layers, models traced in parts --------------------
+class _Encoder(nn.Module):
+    """Token embedding + encoder layer(s) (+ LayerNorm after each residual add) + head."""
+
+    def __init__(self, layers: int = 1, norm_first: bool = False) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        layer = nn.TransformerEncoderLayer(
+            8, 2, 16, dropout=0.0, batch_first=True, norm_first=norm_first
+        )
+        self.encoder = (
+            layer
+            if layers == 1
+            else nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        )
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.emb(ids), src_key_padding_mask=pad).mean(1))
+
+
+def _tokens() -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, 20, (6, 5), generator=torch.Generator().manual_seed(4))
+    pad = torch.zeros(6, 5, dtype=torch.bool)
+    pad[::2, -2:] = True
+    return ids, pad
+
+
+def test_encoder_layer_residual_adds_match_a_hand_reference() -> None:
+    torch.manual_seed(0)
+    model = _Encoder().eval()
+    ids, pad = _tokens()
+    q = apply_plan(model, QuantPlan(adds=A8))  # adds only: the layers stay float
+    assert sorted(add_quantizers(q)) == [
+        "encoder.add.in0",
+        "encoder.add.in1",
+        "encoder.add.out",
+        "encoder.add_1.in0",
+        "encoder.add_1.in1",
+        "encoder.add_1.out",
+    ]
+    _calibrate_tokens(q, ids, pad)
+    fq = add_quantizers(q)
+    layer = model.encoder
+    with torch.no_grad():
+        x = model.emb(ids)
+        sa = layer.self_attn(x, x, x, key_padding_mask=pad, need_weights=False)[0]
+        x = layer.norm1(
+            _fq(
+                _fq(x, fq["encoder.add.in0"]) + _fq(sa, fq["encoder.add.in1"]),
+                fq["encoder.add.out"],
+            )
+        )
+        ff = layer.linear2(torch.relu(layer.linear1(x)))
+        x = layer.norm2(
+            _fq(
+                _fq(x, fq["encoder.add_1.in0"]) + _fq(ff, fq["encoder.add_1.in1"]),
+                fq["encoder.add_1.out"],
+            )
+        )
+        ref = model.head(x.mean(1))
+        torch.testing.assert_close(q(ids, pad), ref, atol=1e-6, rtol=0)
+        assert not torch.allclose(q(ids, pad), model(ids, pad), atol=1e-4)
+
+
+def _calibrate_tokens(q: nn.Module, ids: torch.Tensor, pad: torch.Tensor) -> None:
+    with calibration(q):
+        q(ids, pad)
+
+
+def test_encoder_adds_share_the_grids_of_the_layers_reading_their_operands() -> None:
+    torch.manual_seed(0)
+    model = _Encoder().eval()
+    names = quantizable_names(model)
+    plan = QuantPlan.uniform(
+        [n for n in names if n != "emb" and "matmul" not in n], W8, A8, adds=A8
+    )
+    q = apply_plan(model, plan)
+    # The residual input of the first add is the attention's input: the in-projection's grid;
+    # that of the second add feeds linear1: its grid. Only the other operands get their own.
+    assert sorted(add_quantizers(q)) == [
+        "encoder.add.in1",
+        "encoder.add.out",
+        "encoder.add_1.in1",
+        "encoder.add_1.out",
+        "encoder.linear1.act_fq",
+        "encoder.self_attn.in_proj.act_fq",
+    ]
+    _calibrate_tokens(q, *_tokens())
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_encoder_stacks_get_quantized_adds_in_every_layer(norm_first: bool) -> None:
+    torch.manual_seed(0)
+    model = _Encoder(layers=2, norm_first=norm_first).eval()
+    q = apply_plan(model, QuantPlan(adds=A8))
+    assert isinstance(q, fx.GraphModule)  # traced whole, no warning
+    adds = {n.rsplit(".", 1)[0] for n in add_quantizers(q)}
+    assert adds == {f"encoder.layers.{i}.{a}" for i in (0, 1) for a in ("add", "add_1")}
+    ids, pad = _tokens()
+    _calibrate_tokens(q, ids, pad)
+    fp32 = apply_plan(model, QuantPlan(adds=A8))
+    strip_add_quantizers(fp32)
+    with torch.no_grad():  # without its quantizers, the traced graph is the model
+        torch.testing.assert_close(fp32(ids, pad), model(ids, pad), atol=1e-5, rtol=1e-5)
+
+
+class _Optional(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return self.fc(x) + (x if bias is None else bias)
+
+
+class _Required(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.fc(x) + x)
+
+
+class _Branchy(nn.Module):
+    """Untraceable as a whole; a traceable block and one whose forward takes an optional arg."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = _Required()
+        self.opt = _Optional()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # data-dependent: torch.fx cannot trace the model
+            x = -x
+        return self.opt(self.block(x))
+
+
+def test_untraceable_models_get_quantized_adds_in_their_traceable_submodules() -> None:
+    torch.manual_seed(0)
+    model = _Branchy().eval()
+    with pytest.warns(UserWarning, match=r"cannot be traced.*submodules it can trace: \['block'\]"):
+        q = apply_plan(model, QuantPlan(adds=A8))
+    assert type(q) is _Branchy and isinstance(q.block, fx.GraphModule)
+    # The optional argument could be left out by a caller: that block keeps its float add.
+    assert not isinstance(q.opt, fx.GraphModule)
+    assert sorted(add_quantizers(q)) == ["block.add.in0", "block.add.in1", "block.add.out"]
+    x = torch.randn(8, 4)
+    _calibrate(q, x)
+    fq = add_quantizers(q)
+    with torch.no_grad():
+        h = -x if x.sum() > 0 else x
+        y = _fq(
+            torch.relu(_fq(model.block.fc(h), fq["block.add.in0"]) + _fq(h, fq["block.add.in1"])),
+            fq["block.add.out"],
+        )
+        torch.testing.assert_close(q(x), model.opt(y), atol=1e-6, rtol=0)
+    stripped = copy.deepcopy(q)
+    strip_add_quantizers(stripped)
+    assert add_quantizers(stripped) == {}
+    with torch.no_grad():
+        torch.testing.assert_close(stripped(x), model(x), atol=1e-6, rtol=0)
+
+
+class _OwnForward(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(2.0 * x)
+
+
+class _ResOwn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = _OwnForward(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) + x
+
+
+def test_a_subclass_with_its_own_forward_does_not_share_its_input_grid() -> None:
+    # Its quantizer sees 2 * x, not x: the add's operand gets a grid of its own.
+    q = apply_plan(_ResOwn().eval(), QuantPlan.uniform(["fc"], W8, A8, adds=A8))
+    assert sorted(add_quantizers(q)) == ["add.in0", "add.in1", "add.out"]
+
+
+def test_hugging_face_bert_gets_integer_adds_in_its_output_blocks() -> None:
+    transformers = pytest.importorskip(
+        "transformers",
+        reason="Hugging Face transformers is not installed (pip install 'autoquant[nlp]')",
+    )
+    config = transformers.BertConfig(
+        vocab_size=30,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=8,
+    )
+    torch.manual_seed(0)
+    bert = transformers.BertModel(config).eval()
+    with pytest.warns(UserWarning, match="cannot be traced"):
+        q, names = quantize_adds(copy.deepcopy(bert), A8)
+    # BertSelfOutput and BertOutput: dense -> dropout -> LayerNorm(hidden + input).
+    assert names == [
+        f"encoder.layer.{i}.{block}.add" for i in (0, 1) for block in ("attention.output", "output")
+    ]
+    ids = torch.randint(1, 30, (4, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(4, 6, dtype=torch.long)
+    mask[0, 4:] = 0
+    with calibration(q):
+        q(input_ids=ids, attention_mask=mask)
+    stripped = copy.deepcopy(q)
+    strip_add_quantizers(stripped)
+    with torch.no_grad():
+        ref = bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        torch.testing.assert_close(
+            stripped(input_ids=ids, attention_mask=mask).last_hidden_state, ref, atol=1e-5, rtol=0
+        )
+        assert not torch.allclose(
+            q(input_ids=ids, attention_mask=mask).last_hidden_state, ref, atol=1e-4
+        )

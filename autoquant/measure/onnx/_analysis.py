@@ -62,13 +62,22 @@ def analyse(
     check_calls(model, layers, example_input)
     fm = float_clone(model, AddMark)
     proto, nodes = export_marked(fm, example_input)
-    missing = sorted(set(layers) - set(nodes))
+    missing = sorted(n for n, dl in layers.items() if dl.has_weight and n not in nodes)
     if missing:
         raise PlanError(f"plan layer(s) {missing} were not found in the exported graph")
     marks = add_marks(proto)
+    # A weightless layer (attention matmuls) deploys where its quantizers are called: marks.
+    marked = {t for _, t in marks.values()}
+    for name, dl in layers.items():
+        lost = [o for o in dl.operands if f"{name}.{o}" not in marked]
+        if lost:
+            raise PlanError(
+                f"layer {name!r}: its operand quantizer(s) {lost} were not found in the "
+                "exported graph"
+            )
     grids = {t: activation_intq(model.get_submodule(t), t) for _, t in marks.values()}
-    chains = layer_chains(proto, {n: nodes[n] for n in layers}, marks)
-    float_ok = {n for n in layers if nodes[n].op.float_output}
+    chains = layer_chains(proto, {n: nodes[n] for n in layers if n in nodes}, marks)
+    float_ok = {n for n in layers if n in nodes and nodes[n].op.float_output}
     inputs = [example_input] if calib_inputs is None else list(calib_inputs)
     requant = choose_requant(model, layers, chains, grids, inputs, float_output_ok=float_ok)
     return Analysis(plan, layers, fm, proto, nodes, requant, grids)

@@ -6,8 +6,9 @@ The fake-quant model is turned back into its float, BN-folded clone
 needs ``onnxscript``, which the project does not depend on). Identity marks export as
 ``autoquant::*`` nodes:
 
-* ``Mark(name=<quantizer>)`` where the fake-quant model calls a quantized add's quantizer
-  (replaced later by the convert-marks pass);
+* ``Mark(name=<quantizer>)`` where the fake-quant model calls a quantizer outside a layer's node:
+  a quantized add's, or an attention matmul's operand quantizer (replaced later by the
+  convert-marks pass);
 * ``LayerInput(name=<layer>)`` on the input of every call of a quantizable layer (a forward
   pre-hook), in a second export of the same model. The first node after it of an op type its
   layer type declares (:func:`~autoquant.measure.register_deployment`: ``Conv``, ``Gemm`` or
@@ -20,7 +21,12 @@ needs ``onnxscript``, which the project does not depend on). Identity marks expo
 
 Layer weights and biases get unique placeholder values before export, so that the exporter,
 which merges equal constants, keeps one initializer per parameter under its FQN; the real values
-are written by the passes.
+are written by the passes. (Other parameters keep their values, which the exporter may compute
+with; two equal ones, e.g. freshly initialised LayerNorms, are stored once.) The export never
+fuses a Conv with a BatchNorm after it (``TrainingMode.PRESERVE`` on the eval-mode clone skips
+the exporter's eval peephole): a BatchNorm left in the model is one that cannot be folded
+exactly (a conv reused with a BatchNorm after one of its uses), and a fused weight computed from
+placeholder values would be wrong.
 """
 
 from __future__ import annotations
@@ -59,7 +65,8 @@ class _MarkFunction(torch.autograd.Function):
 
 
 class AddMark(nn.Module):
-    """Stands where a quantized add's quantizer ``name`` was called."""
+    """Stands where the quantizer ``name`` was called outside a layer's node (a quantized add's,
+    an attention matmul operand's)."""
 
     def __init__(self, name: str) -> None:
         super().__init__()
@@ -114,17 +121,26 @@ def export_float(model: nn.Module, example_input: Inputs) -> onnx.ModelProto:
             output_names=out_names,
             dynamic_axes={n: {0: "batch"} for n in in_names + out_names},
             do_constant_folding=True,
+            # The module is in eval mode already; PRESERVE skips the exporter's eval peephole,
+            # which would fuse a Conv with the BatchNorm after it (see the module doc).
+            training=torch.onnx.TrainingMode.PRESERVE,
         )
     return onnx.load_from_string(buf.getvalue())
 
 
 def _placeholder_clone(fm: nn.Module, names: Iterable[str]) -> nn.Module:
-    """A copy whose layer weights and biases hold unique random values (see module doc)."""
+    """A copy whose layer weights and biases hold unique random values (see module doc), each
+    layer of a type declared with ``export_as`` turned into that class."""
     marked = copy.deepcopy(fm)
     gen = torch.Generator().manual_seed(12345)
     with torch.no_grad():
         for name in names:
             layer = marked.get_submodule(name)
+            dep = deployment_of(layer)
+            # A subclass with a forward of its own keeps it (it exports as it computes).
+            if dep.export_as is not None and type(layer).forward is dep.float_type.forward:
+                layer.__class__ = dep.export_as
+                layer.deployed_name = name
             for p in (layer.weight, getattr(layer, "bias", None)):
                 if p is not None:
                     p.copy_(torch.rand(p.shape, generator=gen) + 0.5)

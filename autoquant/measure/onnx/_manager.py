@@ -20,7 +20,7 @@ from torch import nn
 from autoquant.measure._deploy import DeployedLayer
 from autoquant.measure._formats import plan_formats
 from autoquant.measure._requant import Requant
-from autoquant.measure.onnx._analysis import analyse
+from autoquant.measure.onnx._analysis import Analysis, analyse
 from autoquant.measure.onnx._context import Pass, QDQContext
 from autoquant.measure.onnx._editor import Editor
 from autoquant.measure.onnx._export import LayerNode
@@ -39,7 +39,8 @@ from autoquant.types import QuantPlan
 
 #: Bumped when the graph exported for a given plan changes (e.g. a new pass), so that cached
 #: latencies of the old graph are not reused: it is part of the ONNX Runtime backend's version.
-EXPORT_REVISION = 2
+#: 3: embeddings gather integer rows; attention matmuls and transformer adds deploy.
+EXPORT_REVISION = 3
 ROLES_KEY = "autoquant.tensor_roles"
 
 #: The passes of the QDQ export, in order.
@@ -81,6 +82,21 @@ class QDQModel:
     nodes: dict[str, LayerNode]
 
 
+def _own_kernel_notes(an: Analysis) -> dict[str, str]:
+    """Notes of the layers whose kernel is not a layer node's (see
+    :data:`~autoquant.measure.OWN_KERNEL_NOTES`)."""
+    notes = {}
+    for name, dl in an.layers.items():
+        if not dl.has_weight:
+            notes[name] = (
+                "operands QuantizeLinear → DequantizeLinear on their grids, matmuls on them "
+                "(ONNX Runtime fuses MatMulIntegerToFloat / QLinearMatMul where it can)"
+            )
+        elif dl.weight_q is not None and an.nodes[name].op.lookup:
+            notes[name] = "lookup: integer rows gathered, then dequantized (only the rows read)"
+    return notes
+
+
 def build_qdq(
     model: nn.Module,
     plan: QuantPlan | None,
@@ -100,6 +116,7 @@ def build_qdq(
         p.run(ctx)
     proto = ctx.editor.finish()
     tails = {n: "out→" + requantize_outputs.requant_text(r) for n, r in an.requant.items()}
+    tails.update(_own_kernel_notes(an))
     formats = plan_formats(an.plan, "onnxruntime", tails)
     stored = {i.name for i in proto.graph.initializer}
     roles = {k: v for k, v in ctx.editor.roles.items() if k in stored}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from onnx import TensorProto
+from onnx import TensorProto, helper
 from torch import nn
 
 from autoquant.measure._deploy import DeployedLayer, IntQ
@@ -20,10 +20,42 @@ def _weight_axis(ln: LayerNode, axis: int | None) -> int | None:
     return 1 - axis  # a 2-D weight stored as W^T
 
 
+def _lookup(ed: Editor, name: str, ln: LayerNode, dl: DeployedLayer) -> None:
+    """A lookup (``Gather``) of integer rows: the codes (and per-row scales and zero-points)
+    are gathered, then only the rows read are dequantized, as ``DequantizeLinear`` computes it:
+    ``(q - zp) * scale`` (exact; the whole table is never dequantized)."""
+    node, q = ln.node, dl.weight_q
+    ids = node.input[ln.op.data_input]
+    codes = ed.init(f"{name}.weight_quantized", dl.weight_codes, "weight")
+    ed.nodes.remove(node)
+    out = node.output[0]
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    rows = ed.add("Gather", [codes, ids], [f"{name}.rows_quantized"], **attrs).output[0]
+    if q.axis != 0:  # one grid, or one per column: the last axis of the gathered rows
+        s, z = ed.qparams(f"{name}.weight", q, "weight")
+        ed.add("DequantizeLinear", [rows, s, z], [out], **({} if q.axis is None else {"axis": -1}))
+        return
+    # Per-row qparams as [V, 1] columns: gathered with the rows, they broadcast along them.
+    column = {**attrs, "axis": 0}
+    scale = ed.init(f"{name}.weight_scale", q.scale.reshape(-1, 1), "weight_scale")
+    zp = ed.init(
+        f"{name}.weight_zero_point", q.zero_point_array().reshape(-1, 1), "weight_zero_point"
+    )
+    ed.add("Gather", [scale, ids], [f"{name}.rows_scale"], **column)
+    ed.add("Gather", [zp, ids], [f"{name}.rows_zero_point"], **column)
+    ed.add("Cast", [rows], [f"{name}.rows_codes"], to=TensorProto.FLOAT)
+    ed.add("Cast", [f"{name}.rows_zero_point"], [f"{name}.rows_zp"], to=TensorProto.FLOAT)
+    ed.add("Sub", [f"{name}.rows_codes", f"{name}.rows_zp"], [f"{name}.rows_centered"])
+    ed.add("Mul", [f"{name}.rows_centered", f"{name}.rows_scale"], [out])
+
+
 def _weight(
     ed: Editor, name: str, ln: LayerNode, fm_layer: nn.Module, dl: DeployedLayer | None
 ) -> None:
     node, w, b = ln.node, ln.op.weight_input, ln.op.bias_input
+    if ln.op.lookup and dl is not None and dl.weight_q is not None:
+        _lookup(ed, name, ln, dl)
+        return
 
     def oriented(arr: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(arr.T if ln.transposed else arr)
@@ -111,7 +143,8 @@ def run(ctx: QDQContext) -> None:
     Integer weights are int8 (uint8 when asymmetric, or when this CPU's u8×s8 kernels saturate:
     codes +128 for an exact U8U8 kernel), per channel along the output axis; fp16 tensors pass
     a float16 round trip; an input already on the layer's grid (a DequantizeLinear right before
-    it) gets no second QuantizeLinear.
+    it) gets no second QuantizeLinear. A lookup (an embedding's ``Gather``) gathers its integer
+    rows and dequantizes only those.
     """
     ed, an = ctx.editor, ctx.analysis
     # Only a direct DequantizeLinear input: ONNX Runtime fuses DQ -> Flatten -> Gemm worse.
