@@ -17,6 +17,7 @@ from autoquant.types import PlanError
 
 from ._objectives import OBJECTIVES, REQUIRED_OBJECTIVE, directions
 from ._samplers import SAMPLERS
+from ._strategy import StrategyError, StrategySettings, parse_duration, strategy_from_dict
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -65,7 +66,7 @@ class StudySpec:
 
     name: str
     task: str
-    trials: int = 20
+    trials: int | None = 20  # None: no count limit (a timeout ends the search)
     sampler: str = "tpe"
     seed: int = 0
     storage: str | None = None
@@ -77,6 +78,8 @@ class StudySpec:
     qat: QATSettings = field(default_factory=QATSettings)
     latency: LatencySettings = field(default_factory=LatencySettings)
     source: str | None = None
+    timeout: float | None = None  # seconds of wall time after which no trial starts
+    strategy: StrategySettings = field(default_factory=StrategySettings)
 
     @property
     def directions(self) -> list[str]:
@@ -88,6 +91,8 @@ class StudySpec:
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, SearchSpace):
+                v = v.to_dict()
+            elif isinstance(v, StrategySettings):
                 v = v.to_dict()
             elif isinstance(v, (QATSettings, LatencySettings)):
                 v = {
@@ -163,8 +168,8 @@ def _dataclass_from(path: str, table: str, cls: type, data: Any) -> Any:
     return cls(**kwargs)
 
 
-_TOP = {"study", "task", "space", "qat", "latency", "objectives", "constraint"}
-_STUDY = {"name", "trials", "sampler", "seed", "storage", "device"}
+_TOP = {"study", "task", "space", "qat", "latency", "objectives", "constraint", "strategy"}
+_STUDY = {"name", "trials", "sampler", "seed", "storage", "device", "timeout"}
 
 
 def study_spec_from_dict(data: Mapping[str, Any], path: str = "<study>") -> StudySpec:
@@ -192,9 +197,17 @@ def study_spec_from_dict(data: Mapping[str, Any], path: str = "<study>") -> Stud
     name = _check(path, "study.name", study.get("name", Path(path).stem), str)
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise StudyFileError(f"{path}: study.name = {name!r}; allowed: letters, digits, '_.-'")
-    trials = _check(path, "study.trials", study.get("trials", 20), int)
-    if trials < 1:
-        raise StudyFileError(f"{path}: study.trials = {trials} must be >= 1")
+    try:  # [strategy] and the timeout
+        timeout = parse_duration(study["timeout"], "study.timeout") if "timeout" in study else None
+        strategy = strategy_from_dict(path, data.get("strategy", {}))
+    except StrategyError as e:
+        raise StudyFileError(f"{path}: {e}") from None
+    # Without a trial count, a timeout alone bounds the search.
+    trials = study.get("trials", None if timeout is not None else 20)
+    if trials is not None:
+        trials = _check(path, "study.trials", trials, int)
+        if trials < 1:
+            raise StudyFileError(f"{path}: study.trials = {trials} must be >= 1")
     sampler = _check(path, "study.sampler", study.get("sampler", "tpe"), str, tuple(SAMPLERS))
     seed = _check(path, "study.seed", study.get("seed", 0), int)
     storage = study.get("storage")
@@ -257,16 +270,20 @@ def study_spec_from_dict(data: Mapping[str, Any], path: str = "<study>") -> Stud
         qat=qat,
         latency=latency,
         source=str(path),
+        timeout=timeout,
+        strategy=strategy,
     )
 
 
 def load_study_spec(path: str | os.PathLike[str]) -> StudySpec:
     """Load and validate a study file.
 
-    The file has the tables ``[study]`` (name, trials, sampler, seed, storage, device),
+    The file has the tables ``[study]`` (name, trials, sampler, seed, storage, device,
+    timeout),
     ``[task]`` (name, options), ``[space]`` (see :class:`~autoquant.space.SearchSpace`),
-    ``[qat]``, ``[latency]``, ``[objectives]`` (use) and ``[constraint]``
-    (max_accuracy_drop). Every error names the file and the key.
+    ``[qat]``, ``[latency]``, ``[objectives]`` (use), ``[constraint]`` (max_accuracy_drop)
+    and ``[strategy]`` (:class:`~autoquant.search.StrategySettings`). Every error names the
+    file and the key.
 
     Example:
         >>> spec = load_study_spec("studies/digits.toml")  # doctest: +SKIP
