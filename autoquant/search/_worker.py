@@ -4,10 +4,14 @@ Any number of workers (processes, on one machine or many) may run :func:`run_sea
 same study in a shared storage (PostgreSQL, or SQLite on one machine):
 
 * **Budget.** A trial counts the *slots* taken before it: trials with a lower number (a retry
-  has the number of the trial it retries) that are complete, running, queued, or waiting for
-  their retry. When those fill the budget, the trial is pruned before any work; so the number
-  of complete trials equals the budget exactly, however many workers there are
-  (:mod:`autoquant.search._budget`).
+  has the number of the trial it retries) that are judged (complete, or stopped by the
+  pruning rule), running, queued, or waiting for their retry. When those fill the budget, the
+  trial is pruned before any work; so the number of judged trials equals the budget exactly,
+  however many workers there are (:mod:`autoquant.search._budget`). A ``timeout`` stops
+  starting trials after that wall time (the trial in flight finishes).
+* **Strategy.** After the baselines, the sensitivity pre-pass (once per study,
+  :mod:`autoquant.search._prepass`), then solver-proposed plans, refreshed as trials complete
+  (:mod:`autoquant.search._proposals`); trials may stop early (:mod:`autoquant.search._pruning`).
 * **Liveness.** A worker records its trial's heartbeat every ``AUTOQUANT_HEARTBEAT_S``
   seconds. A running trial without a heartbeat for ``AUTOQUANT_GRACE_S`` seconds is failed
   with the ``fail_reason`` "worker lost: ..." and queued again (up to ``MAX_RETRY`` times) by
@@ -41,15 +45,19 @@ from autoquant.measure import LatencyCache
 
 from . import _optuna_compat as compat
 from ._baselines import enqueue_baselines, ensure_float_baseline
-from ._budget import counted_failure, taken_slots
+from ._budget import Deadline, counted_failure, failure_limit, full, judged, taken_slots
 from ._context import SearchContext, build_context
 from ._liveness import claim_timeout_s, fail_lost_trials, grace_s, heartbeat_s
 from ._locks import Beater, ClaimingAttrStore, Claims
+from ._prepass import ensure_sensitivity
 from ._progress import Progress
-from ._record import TrialRecord, read_record, write_record
+from ._proposals import Proposer, maybe_propose
+from ._pruning import Pruner
+from ._record import FloatBaseline, TrialRecord, read_record, write_record
 from ._signals import abandon_reason, sigterm_as_interrupt
 from ._spec import StudySpec
 from ._storages import load_study
+from ._strategy import format_duration
 from ._trial import make_objective
 
 log = logging.getLogger("autoquant")
@@ -64,18 +72,34 @@ def run_search(
     storage: str | None = None,
     progress: bool = True,
     ctx: SearchContext | None = None,
+    timeout: float | None = None,
 ) -> optuna.Study:
-    """Run, resume or join a study until exactly ``trials`` trials are complete.
+    """Run, resume or join a study until exactly ``trials`` trials are judged, or ``timeout``.
 
     Any number of processes may call this on the same study and storage (see the module
     docstring). A trial that fails (NaN loss, an exception in task code, out of memory) is
     recorded as FAIL with its ``fail_reason`` and the search goes on; Ctrl-C fails the trial
     in flight as "interrupted" and raises KeyboardInterrupt. Rerunning resumes.
 
+    Args:
+        spec: the study.
+        trials: plans to judge (default the study file's; None there: no count limit).
+        storage: storage URL (default the study file's, else SQLite under ``runs_dir()``).
+        progress: show a progress bar.
+        ctx: a prepared search context (tests, benchmarks).
+        timeout: seconds of wall time after which no trial starts (default the study
+            file's ``[study] timeout``); the trial in flight finishes.
+
     Example:
         >>> study = run_search(load_study_spec("studies/digits.toml"), trials=4)  # doctest: +SKIP
     """
+    deadline = Deadline(timeout if timeout is not None else spec.timeout)
     budget = trials or spec.trials
+    if budget is None and deadline.seconds is None:
+        raise ValueError(
+            f"study {spec.name!r} has neither a trial count nor a timeout: set [study] trials "
+            "or timeout (or pass trials= / timeout=)"
+        )
     study = load_study(spec, storage)
     beater = Beater(heartbeat_s())
     claims = Claims(
@@ -86,17 +110,18 @@ def run_search(
         timeout_s=claim_timeout_s(),
     )
     worker = f"{socket.gethostname()}:{os.getpid()}"
-    max_failures = max(5, budget)
     bar: Progress | None = None
     try:
         with sigterm_as_interrupt():
             ctx = ctx or build_context(spec, LatencyCache(store=ClaimingAttrStore(study, claims)))
             baseline = ensure_float_baseline(study, ctx, claims)
             enqueue_baselines(study, ctx, claims)  # again: earlier ones may be interrupted
-            objective = make_objective(study, ctx, budget, worker, baseline=baseline)
+            strategy = _Strategy(study, ctx, claims, budget, baseline)
+            pruner = Pruner(study, ctx, baseline) if spec.strategy.prune else None
+            objective = make_objective(study, ctx, budget, worker, baseline=baseline, pruner=pruner)
             if progress:
                 bar = Progress(study, spec, budget)
-            _work(study, objective, beater, claims, budget, max_failures, bar, spec)
+            _work(study, objective, beater, claims, budget, bar, spec, deadline, strategy)
     finally:
         claims.release_all()
         beater.close()
@@ -105,26 +130,69 @@ def run_search(
     return study
 
 
+class _Strategy:
+    """The pre-pass (run once, in ``__init__``) and the proposal rounds, for the loop."""
+
+    def __init__(
+        self,
+        study: optuna.Study,
+        ctx: SearchContext,
+        claims: Claims,
+        budget: int | None,
+        baseline: FloatBaseline,
+    ) -> None:
+        self.study, self.ctx, self.claims = study, ctx, claims
+        self.budget, self.baseline = budget, baseline
+        self.proposer: Proposer | None = None
+        if ctx.spec.strategy.sensitivity != "off":
+            ensure_sensitivity(study, ctx, claims)
+
+    def before_trial(self) -> None:
+        """Enqueue the solver's next round if one is due (see ``_proposals``)."""
+        if not self.ctx.spec.strategy.proposing:
+            return
+        if self.proposer is None:
+            self.proposer = Proposer.build(self.ctx)
+        maybe_propose(
+            self.study,
+            self.ctx,
+            self.claims,
+            budget=self.budget,
+            baseline=self.baseline,
+            proposer=self.proposer,
+        )
+
+
 def _work(
     study: optuna.Study,
     objective: Objective,
     beater: Beater,
     claims: Claims,
-    budget: int,
-    max_failures: int,
+    budget: int | None,
     bar: Progress | None,
     spec: StudySpec,
+    deadline: Deadline,
+    strategy: _Strategy,
 ) -> None:
     """The worker loop: run trials while budget slots are free; else wait for other workers."""
     heartbeats = compat.beats_enabled(study)
     poll_s = min(heartbeat_s(), 2.0)
     waiting_since: float | None = None
     while True:
+        if deadline.expired():
+            done = sum(judged(t) for t in study.get_trials(deepcopy=False))
+            log.info(
+                "time budget of %s reached: %d trials judged; no new trial starts "
+                "(rerun to continue the study)",
+                format_duration(deadline.seconds or 0.0),
+                done,
+            )
+            return
         fail_lost_trials(study)
         trials = study.get_trials(deepcopy=False)
-        done = sum(t.state == TrialState.COMPLETE for t in trials)
+        done = sum(judged(t) for t in trials)
         running = any(t.state == TrialState.RUNNING for t in trials)
-        if done >= budget:
+        if full(done, budget):
             # Stay a moment for trials still running: a worker killed while its trial was
             # about to be pruned leaves it RUNNING; fail it rather than leave it forever.
             if not (running and heartbeats):
@@ -134,6 +202,7 @@ def _work(
                 return
             time.sleep(poll_s)
             continue
+        max_failures = failure_limit(budget, done)
         if sum(counted_failure(t) for t in trials) >= max_failures:
             log.error(
                 "stopping: %d trials failed; see `autoquant front %s --failed`",
@@ -142,8 +211,9 @@ def _work(
             )
             return
         queued = any(t.state == TrialState.WAITING for t in trials)
-        if queued or taken_slots(trials) < budget:
+        if queued or not full(taken_slots(trials), budget):
             waiting_since = None
+            strategy.before_trial()
             frozen = _run_trial(study, objective, beater, claims)
             if bar:
                 bar(study, frozen)
