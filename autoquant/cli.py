@@ -35,7 +35,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     url = storage_url(spec, args.storage)
     print(f"study {spec.name!r} on task {spec.task!r}; storage {mask_password(url)}")
-    study = run_search(spec, trials=args.trials, storage=url, progress=not args.quiet)
+    study = run_search(
+        spec, trials=args.trials, storage=url, progress=not args.quiet, timeout=args.timeout
+    )
     print(format_table(front_frame(study, spec.max_accuracy_drop)))
     return 0
 
@@ -54,7 +56,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     print(f"worker joins study {spec.name!r} at {mask_password(args.storage)}")
-    study = run_search(spec, trials=args.trials, storage=args.storage, progress=not args.quiet)
+    study = run_search(
+        spec,
+        trials=args.trials,
+        storage=args.storage,
+        progress=not args.quiet,
+        timeout=args.timeout,
+    )
     done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
     print(f"worker done: the study has {done} complete trials")
     return 0
@@ -109,6 +117,33 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
             f"trial {args.trial} {r['backend']} batch {r['batch_size']} threads {r['threads']}: "
             f"median {r['median_ms']:.4f} ms, IQR {r['iqr_ms']:.4f} ms, n={r['n']}{was}"
         )
+    return 0
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    import json
+
+    from autoquant.report import format_frame, sensitivity_cost, sensitivity_table_frame
+    from autoquant.search import ensure_sensitivity, read_study_record
+
+    study, spec = _study_from_args(args)
+    if not read_study_record(study).sensitivity:  # measure it, claimed like in a search
+        mode = spec.strategy.sensitivity if spec.strategy.sensitivity != "off" else "kl"
+        ensure_sensitivity(study, _context(study, spec), mode=mode)
+    df = sensitivity_table_frame(study)
+    assert df is not None
+    if args.format == "json":
+        print(json.dumps(read_study_record(study).sensitivity, indent=2))
+        return 0
+    if args.format == "table":
+        cost = sensitivity_cost(study) or {}
+        per_trial = f" (≈ {cost['trials']:.1f} trials)" if cost.get("trials") else ""
+        print(
+            f"sensitivity pre-pass of study {spec.name!r} ({cost.get('mode')}): "
+            f"{cost.get('evaluations')} evaluations on {cost.get('held_out') or 0:.0f} "
+            f"held-out samples, {cost.get('wall_s') or 0:.1f} s{per_trial}"
+        )
+    print(format_frame(df, args.format), end="" if args.format == "csv" else "\n")
     return 0
 
 
@@ -175,6 +210,7 @@ EPILOG = """\
 examples:
   autoquant search studies/digits.toml          run or resume a study
   autoquant front studies/digits.toml           the Pareto front
+  autoquant sensitivity studies/digits.toml     the per-layer sensitivity table
   autoquant report studies/digits.toml --out report/
   autoquant export studies/digits.toml --trial 3 --out export-trial3"""
 
@@ -186,6 +222,21 @@ def _version() -> str:
         return version("autoquant")
     except PackageNotFoundError:  # run from a source tree that was never installed
         return "unknown (not installed)"
+
+
+TIMEOUT_HELP = (
+    "stop starting trials after this wall time (seconds, or e.g. 90s, 10m, 2h; default the "
+    "study file's [study] timeout); the trial in flight finishes"
+)
+
+
+def _duration(text: str) -> float:
+    from autoquant.search._strategy import StrategyError, parse_duration
+
+    try:
+        return parse_duration(text, "--timeout")
+    except StrategyError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.add_argument("--seed", type=int)
     p.add_argument("--threads", type=int, help="torch threads for QAT")
+    p.add_argument("--timeout", type=_duration, help=TIMEOUT_HELP)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_search)
 
@@ -227,8 +279,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, help="complete trials wanted (default: the file's)")
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, help="torch threads for QAT in this worker")
+    p.add_argument("--timeout", type=_duration, help=TIMEOUT_HELP)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_worker)
+
+    p = study_cmd(
+        "sensitivity",
+        "the per-layer sensitivity table of the study's pre-pass (measured once if missing)",
+    )
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    p.set_defaults(func=cmd_sensitivity)
 
     p = study_cmd("front", "print the Pareto front")
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
