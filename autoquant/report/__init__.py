@@ -26,13 +26,17 @@ from autoquant.report._select import (
     plan_frame,
     recommendations,
 )
+from autoquant.report._strategy_plots import pruning_figure, sensitivity_figure
 from autoquant.report._tables import (
     FORMATS,
     failed_frame,
     format_frame,
     format_table,
     front_frame,
+    pruning_summary,
+    sensitivity_cost,
     sensitivity_frame,
+    sensitivity_table_frame,
     trials_frame,
 )
 
@@ -53,9 +57,14 @@ __all__ = [
     "most_accurate_within_size",
     "pareto_figures",
     "plan_frame",
+    "pruning_figure",
+    "pruning_summary",
     "recommendations",
     "report_figures",
+    "sensitivity_cost",
+    "sensitivity_figure",
     "sensitivity_frame",
+    "sensitivity_table_frame",
     "study_facts",
     "trials_frame",
     "write_report",
