@@ -9,23 +9,37 @@ its accuracy on a seeded sample of ``prune_eval`` held-out examples, and stops w
 feasible complete trial (at least as accurate, no larger, no slower, one strictly).
 
 The optimistic final accuracy comes from the complete trials scored at the same fidelity
-(:class:`Recovery`)::
+(:func:`learn_recovery`)::
 
-    optimistic final drop = remaining · subset drop − slack
+    optimistic final drop = ρ · d − γ
 
-* ``subset drop`` = the float model's accuracy on the sample minus the trial's there;
-* ``remaining`` (ρ) = the smallest fraction of a clearly visible subset drop (at least
-  ``max(max_drop, 1 %)``) that a complete trial still had at its end (QAT recovers much of a
-  PTQ drop: on LeNet-5 a 2-bit layer's 7 points become 0.5);
-* ``slack`` (γ) = the largest amount by which any complete trial ended better than
-  ``ρ · its subset drop`` (small drops, sampling noise of the subset), so that the bound holds
-  on every complete trial seen, by construction.
+* ``d``, the subset drop: the float model's accuracy on the sample minus the trial's there;
+* ``ρ``, the remaining fraction: the smallest ``final drop / subset drop`` among the complete
+  trials whose subset drop lies within a factor 4 of ``d`` (and is at least
+  ``max(max_drop, 1 %)``; smaller drops are sampling noise), provided that window holds
+  trials on both sides of ``d``; else 0: a damage level not bracketed by complete trials is
+  never pruned as infeasible, and a trial with ``ρ = 0`` is never dominated either (its
+  optimistic accuracy is above every complete trial's);
+* ``γ``, the slack: the largest amount by which a complete trial of that window, or one with
+  a drop below 1 %, ended better than ``ρ`` times its subset drop, plus one standard
+  deviation of those residuals (few trials, noisy subset).
 
-The guarantee, stated: a trial is pruned only if QAT would have to recover more of its drop
-than on every complete trial scored at that fidelity so far (beyond the largest slack seen) for
-it to end feasible and non-dominated. Replaying curves recorded from real digits and LeNet-5
-searches (``tests/search/data/curves_*.json``), the rule prunes no trial that ends on the
-final front.
+Why a ratio, why bracketed. QAT recovers most of a post-calibration drop, and how much varies:
+on the recorded digits curves (200 QAT steps) post-calibration drops of 23-88 points kept 2-4 %
+of their size (88 → 2.5 points), drops of 9-17 points kept 0-6 % (an 8-point drop was
+recovered entirely); at half the QAT steps a drop keeps about half (4.1 → 2.5). With 8 QAT
+steps the fraction kept grows with the damage instead (2.9 → 0.8, 7.8 → 4.3 points). An
+absolute "largest gain" would let one recovered collapse forbid all pruning; one global ratio
+would mix regimes; extrapolating a ratio beyond the damage seen fails one way or the other.
+If the fraction kept is monotone in the damage, in either direction, the smallest ratio of
+trials bracketing ``d`` is at most the trial's own: the optimistic drop is then a lower bound,
+up to the plan-to-plan scatter that ``γ`` covers.
+
+The guarantee, stated: a trial is pruned only if, to end feasible and non-dominated, QAT would
+have to leave a smaller fraction of its drop than every complete trial of comparable damage
+(within a factor 4, on both sides) at that fidelity, by more than the slack. Replaying curves
+recorded from real digits and LeNet-5 searches (``tests/search/data/curves_*.json``), the rule
+prunes no trial that ends on the final front.
 
 Pruned trials are told as PRUNED with a ``pruned`` record (fidelity, reason, partial scores,
 optimistic accuracy, time spent, estimated time saved) and the accuracy constraint set to the
@@ -54,7 +68,9 @@ from ._context import Checkpoint, SearchContext
 from ._prepass import held_out_batches
 from ._record import FloatBaseline, TrialRecord, read_record, write_record
 
-MIN_LARGE_DROP = 0.01  # a subset drop this large (or the limit, if larger) sets the ratio ρ
+MIN_LARGE_DROP = 0.01  # subset drops below this (or the limit, if larger) do not set ρ
+WINDOW = 4.0  # ρ comes from trials at least 1 / WINDOW as damaged as the one judged
+SPREAD = 1.0  # standard deviations of the residuals added to the largest one (the slack γ)
 
 
 def fidelity_key(fraction: float) -> str:
@@ -100,23 +116,32 @@ class Recovery:
 def learn_recovery(
     curves: Sequence[Curve],
     fidelity: float,
+    drop: float,
     *,
     float_subset: float,
     float_accuracy: float,
     large: float,
+    window: float = WINDOW,
+    spread: float = SPREAD,
 ) -> Recovery | None:
-    """ρ and γ from the curves scored at ``fidelity`` (None: no curve has a score there).
+    """ρ and γ for a trial whose subset drop is ``drop``, from the curves scored at
+    ``fidelity`` (None: no curve has a score there).
 
-    ``ρ`` is the smallest ``final drop / subset drop`` among curves whose subset drop is at
-    least ``large``, clipped to [0, 1] (0 without such curves: no ratio is known, so only the
-    slack bounds the recovery); ``γ`` the smallest slack for which
-    ``final drop >= ρ · subset drop − γ`` holds on every curve.
+    ``ρ`` is the smallest ``final drop / subset drop`` among curves whose subset drop lies in
+    ``[drop / window, drop · window]`` (and is at least ``large``), clipped to [0, 1], when
+    that window holds curves on both sides of ``drop``; else 0 (recovery at this damage is
+    not bracketed by what was seen). ``γ`` is the largest residual
+    ``ρ · subset drop − final drop`` over the curves of that window and those with a subset
+    drop below ``large``, plus ``spread`` standard deviations of those residuals (never
+    below 0).
 
     Example:
-        >>> c = [Curve(0, {0.0: 0.80}, 0.95), Curve(1, {0.0: 0.99}, 0.985)]
-        >>> r = learn_recovery(c, 0.0, float_subset=1.0, float_accuracy=1.0, large=0.01)
+        >>> c = [Curve(0, {0.0: 0.80}, 0.95), Curve(1, {0.0: 0.60}, 0.92)]
+        >>> r = learn_recovery(c, 0.0, 0.3, float_subset=1.0, float_accuracy=1.0, large=0.01)
         >>> round(r.remaining, 4), round(r.slack, 4)
-        (0.25, 0.0)
+        (0.2, 0.005)
+        >>> learn_recovery(c, 0.0, 0.9, float_subset=1.0, float_accuracy=1.0, large=0.01)
+        Recovery(fidelity=0.0, remaining=0.0, slack=0.0, trials=2)
     """
     pairs = [
         (float_subset - c.scores[fidelity], float_accuracy - c.accuracy)
@@ -125,9 +150,18 @@ def learn_recovery(
     ]
     if not pairs:
         return None
-    ratios = [final / d for d, final in pairs if d >= large]
-    remaining = min(1.0, max(0.0, min(ratios))) if ratios else 0.0
-    slack = max(0.0, max(remaining * d - final for d, final in pairs))
+    low = [final / d for d, final in pairs if max(drop / window, large) <= d <= drop]
+    high = [final / d for d, final in pairs if max(drop, large) <= d <= drop * window]
+    # Interpolate, never extrapolate: a damage level bracketed by complete trials.
+    remaining = min(1.0, max(0.0, min(low + high))) if low and high else 0.0
+    # The slack: how much better than ρ · d trials of this damage level, or of none (noise
+    # around the float model's accuracy), ended.
+    near = [
+        remaining * d - final
+        for d, final in pairs
+        if d < large or drop / window <= d <= drop * window
+    ]
+    slack = max(0.0, max(near) + spread * statistics.pstdev(near)) if near else 0.0
     return Recovery(fidelity, remaining, slack, len(pairs))
 
 
@@ -195,11 +229,17 @@ def decide(
     if len(scored) < min_trials:
         return Decision(False, None, f"{len(scored)} of {min_trials} complete trials scored")
     large = max(max_drop or 0.0, MIN_LARGE_DROP)
+    subset_drop = float_subset - score
     recovery = learn_recovery(
-        scored, fidelity, float_subset=float_subset, float_accuracy=float_accuracy, large=large
+        scored,
+        fidelity,
+        subset_drop,
+        float_subset=float_subset,
+        float_accuracy=float_accuracy,
+        large=large,
     )
     assert recovery is not None
-    drop = recovery.optimistic_drop(float_subset - score)
+    drop = recovery.optimistic_drop(subset_drop)
     accuracy = float_accuracy - drop
     common = {"optimistic_accuracy": accuracy, "optimistic_drop": drop, "recovery": recovery}
     if max_drop is not None and drop > max_drop + 1e-12:
