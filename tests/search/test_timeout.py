@@ -16,13 +16,13 @@ from autoquant.cli import build_parser, main
 from autoquant.search import (
     SearchContext,
     StudyFileError,
+    _worker,
     load_study_spec,
     parse_duration,
     read_record,
     run_search,
     study_spec_from_dict,
 )
-from autoquant.search import _worker
 from autoquant.search._budget import Deadline, failure_limit, full
 
 STUDY = """
