@@ -155,31 +155,39 @@ class Proposer:
         trials: Sequence[FrozenTrial],
         baseline: FloatBaseline,
         limit: int,
-    ) -> tuple[list[Any], Surrogate, LatencyModel | None]:
-        """Fit on ``trials`` and propose up to ``limit`` plans that none of them has."""
+    ) -> tuple[list[Any], Surrogate, LatencyModel | None, str | None]:
+        """Fit on ``trials`` and propose up to ``limit`` plans that none of them has; the
+        last item is why no plan came (None when the solver ran)."""
         spec = self.ctx.spec
         surrogate = Surrogate(table, self.units, spec.strategy.metric).fit(
             self.observations(trials)
         )
         latency = self.latency_model(trials, baseline)
-        objectives = [o for o in spec.objectives if o != "latency" or latency is not None]
         tried = [self.tried(t) for t in trials]
-        try:
-            proposals = propose(
-                self.units,
-                surrogate,
-                self.sizes,
-                objectives=objectives,
-                max_drop=spec.max_accuracy_drop or None,
-                latency=latency,
-                tried=tried,
-                extra=self.extra(),
-                limit=limit,
-            )
-        except PlanError as e:  # e.g. only accuracy and latency, without a fitted model
-            log.warning("no proposals this round: %s", e)
-            proposals = []
-        return proposals, surrogate, latency
+        error = None
+        # With latency an objective, fall back to size alone if the solver fails on it.
+        for lat in dict.fromkeys([latency, None]):
+            objectives = [o for o in spec.objectives if o != "latency" or lat is not None]
+            if objectives == ["accuracy"]:
+                break
+            try:
+                proposals = propose(
+                    self.units,
+                    surrogate,
+                    self.sizes,
+                    objectives=objectives,
+                    max_drop=spec.max_accuracy_drop or None,
+                    latency=lat,
+                    tried=tried,
+                    extra=self.extra(),
+                    limit=limit,
+                )
+                return proposals, surrogate, lat, error
+            except (PlanError, RuntimeError, ValueError) as e:
+                # A solver failure costs this round, never the search: the sampler goes on.
+                error = f"{type(e).__name__}: {e}"
+                log.warning("the solver failed (%s); objectives %s", error, objectives)
+        return [], surrogate, latency, error
 
 
 def _usable(value: float | None, entry: dict[str, Any]) -> bool:
@@ -266,7 +274,7 @@ def maybe_propose(
         if table is None:
             return 0
         t0 = time.perf_counter()
-        proposals, surrogate, latency = proposer.round(table, trials, baseline, limit)
+        proposals, surrogate, latency, error = proposer.round(table, trials, baseline, limit)
         number = len(rounds) + 1
         for p in proposals:
             record = {**p.record(), "round": number}
@@ -283,6 +291,7 @@ def maybe_propose(
                 "surrogate": surrogate.to_dict(),
                 "latency_model": None if latency is None else latency.to_dict(),
                 "time_s": round(time.perf_counter() - t0, 4),
+                "error": error,
             },
         ]
         write_study_record(study, StudyRecord(proposal_rounds=rounds))
