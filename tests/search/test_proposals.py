@@ -240,3 +240,33 @@ def test_a_digits_search_runs_the_baselines_then_the_proposals(tmp_path: Any) ->
     assert sources == ["proposal"] * 4  # round 1, right after the baselines
     assert sum(r.proposal is not None and r.retry_of is None for r in records) <= 0.6 * 8
     assert read_study_record(study).sensitivity["wall_s"] > 0
+
+
+def test_a_solver_failure_costs_the_round_not_the_search(
+    ctx: SearchContext, table: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from autoquant.search import _proposals
+
+    calls: list[list[str]] = []
+
+    def failing(*args: Any, **kwargs: Any) -> list[Any]:
+        calls.append(list(kwargs["objectives"]))
+        raise RuntimeError("the allocation solver kept violating a budget")
+
+    monkeypatch.setattr(_proposals, "propose", failing)
+    study, claims = _study(ctx, table)
+    assert maybe_propose(study, ctx, claims, budget=20, baseline=BASELINE) == 0
+    assert calls == [["accuracy", "size"]]  # size-only study: no latency fallback to try
+    rounds = read_study_record(study).proposal_rounds
+    assert rounds[0]["enqueued"] == 0 and rounds[0]["error"].startswith("RuntimeError: ")
+    assert not due(study.get_trials(), rounds, refresh=2)  # not retried at once
+    claims.release_all()
+    claims.beater.close()
+    # With latency an objective, the round tries again on size alone.
+    calls.clear()
+    three = ("accuracy", "size", "latency")
+    monkeypatch.setattr(ctx, "spec", replace(ctx.spec, objectives=three))
+    study, claims = _study(ctx, table)
+    assert maybe_propose(study, ctx, claims, budget=20, baseline=BASELINE) == 0
+    assert calls == [list(three), ["accuracy", "size"]]
+    claims.beater.close()
