@@ -276,3 +276,39 @@ def test_the_report_shows_the_stored_table_instead_of_the_observed_one(tmp_path:
     assert "≈ 0.5 trials at the median trial time" in page  # 2 s over trials of 4 s
     assert 'id="plot-sensitivity"' in page and "<td>sensitivity pre-pass</td>" in page
     assert pd.read_csv(paths["sensitivity_csv"]).shape[0] == 6
+
+
+def test_only_layers_discovery_marks_ok_are_searched_and_the_others_are_named_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+
+    import torch
+    from torch import nn
+
+    from autoquant.tasks import Task
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+            self.spare = nn.Linear(4, 3)  # never called: it cannot be calibrated
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x)
+
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    task = Task.from_tensors("toy", lambda: Net().eval(), train=(x, y), eval=(x, y))
+    spec = study_spec_from_dict(
+        {"task": {"name": "toy"}, "space": {"w_bits": [4, 8]}, "qat": {"steps": 2}}, "toy.toml"
+    )
+    caplog.set_level(logging.WARNING, logger="autoquant")
+    ctx = SearchContext(spec, task=task)
+    assert ctx.layer_names == ["fc"] and {i.name for i in ctx.layers} == {"fc", "spare"}
+    warnings = [r.getMessage() for r in caplog.records if "excluded" in r.getMessage()]
+    assert len(warnings) == 1 and "spare (Linear, never_called)" in warnings[0]
+    plan, qat = ctx.plan_for(optuna.trial.FixedTrial({"fc/w_bits": 4}))
+    assert set(plan.layers) == {"fc"}
+    result = ctx.run_plan(plan, lr=qat["lr"], steps=qat["steps"], measure=False)
+    assert result.record.size_bytes == result.values["size"] > 0
+    assert [u.name for u in _prepass.unit_space(ctx).units] == ["fc"]
