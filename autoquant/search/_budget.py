@@ -18,15 +18,20 @@ slot is ever full. :class:`Deadline` is the wall-clock budget (``[study] timeout
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
 
+import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ._liveness import MAX_RETRY
 from ._optuna_compat import retried_number, retries_used
 from ._record import read_record
+from ._strategy import format_duration
+
+log = logging.getLogger("autoquant")
 
 RETRY_WINDOW_S = 60.0  # how long a lost trial keeps its budget slot before its retry appears
 
@@ -127,3 +132,16 @@ class Deadline:
 
     def expired(self) -> bool:
         return self.seconds is not None and self.elapsed() >= self.seconds
+
+    def reached(self, study: optuna.Study) -> bool:
+        """:meth:`expired`, saying so in one log line (the trials judged so far)."""
+        if not self.expired():
+            return False
+        done = sum(judged(t) for t in study.get_trials(deepcopy=False))
+        log.info(
+            "time budget of %s reached: %d trials judged; no new trial starts (rerun to "
+            "continue the study)",
+            format_duration(self.seconds or 0.0),
+            done,
+        )
+        return True

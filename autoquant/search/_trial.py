@@ -71,7 +71,7 @@ def make_objective(
         mine = next((t for t in trials if t.number == trial.number), None)
         before = slot(mine) if mine is not None else trial.number
         if full(taken_slots(trials, before=before), budget):
-            _fail(trial, f"budget of {budget} complete trials filled by earlier trials")
+            _fail(trial, f"budget of {budget} judged trials filled by earlier trials")
             raise optuna.TrialPruned("budget reached")
         try:
             plan, qat = ctx.plan_for(trial)

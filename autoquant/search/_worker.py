@@ -47,17 +47,14 @@ from . import _optuna_compat as compat
 from ._baselines import enqueue_baselines, ensure_float_baseline
 from ._budget import Deadline, counted_failure, failure_limit, full, judged, taken_slots
 from ._context import SearchContext, build_context
+from ._driver import StrategyDriver
 from ._liveness import claim_timeout_s, fail_lost_trials, grace_s, heartbeat_s
 from ._locks import Beater, ClaimingAttrStore, Claims
-from ._prepass import ensure_sensitivity
 from ._progress import Progress
-from ._proposals import Proposer, maybe_propose
-from ._pruning import Pruner
-from ._record import FloatBaseline, TrialRecord, read_record, write_record
+from ._record import TrialRecord, read_record, write_record
 from ._signals import abandon_reason, sigterm_as_interrupt
 from ._spec import StudySpec
 from ._storages import load_study
-from ._strategy import format_duration
 from ._trial import make_objective
 
 log = logging.getLogger("autoquant")
@@ -116,51 +113,19 @@ def run_search(
             ctx = ctx or build_context(spec, LatencyCache(store=ClaimingAttrStore(study, claims)))
             baseline = ensure_float_baseline(study, ctx, claims)
             enqueue_baselines(study, ctx, claims)  # again: earlier ones may be interrupted
-            strategy = _Strategy(study, ctx, claims, budget, baseline)
-            pruner = Pruner(study, ctx, baseline) if spec.strategy.prune else None
-            objective = make_objective(study, ctx, budget, worker, baseline=baseline, pruner=pruner)
+            driver = StrategyDriver(study, ctx, claims, budget, baseline)  # the pre-pass
+            objective = make_objective(
+                study, ctx, budget, worker, baseline=baseline, pruner=driver.pruner
+            )
             if progress:
                 bar = Progress(study, spec, budget)
-            _work(study, objective, beater, claims, budget, bar, spec, deadline, strategy)
+            _work(study, objective, beater, claims, budget, bar, spec, deadline, driver)
     finally:
         claims.release_all()
         beater.close()
         if bar:
             bar.close()
     return study
-
-
-class _Strategy:
-    """The pre-pass (run once, in ``__init__``) and the proposal rounds, for the loop."""
-
-    def __init__(
-        self,
-        study: optuna.Study,
-        ctx: SearchContext,
-        claims: Claims,
-        budget: int | None,
-        baseline: FloatBaseline,
-    ) -> None:
-        self.study, self.ctx, self.claims = study, ctx, claims
-        self.budget, self.baseline = budget, baseline
-        self.proposer: Proposer | None = None
-        if ctx.spec.strategy.sensitivity != "off":
-            ensure_sensitivity(study, ctx, claims)
-
-    def before_trial(self) -> None:
-        """Enqueue the solver's next round if one is due (see ``_proposals``)."""
-        if not self.ctx.spec.strategy.proposing:
-            return
-        if self.proposer is None:
-            self.proposer = Proposer.build(self.ctx)
-        maybe_propose(
-            self.study,
-            self.ctx,
-            self.claims,
-            budget=self.budget,
-            baseline=self.baseline,
-            proposer=self.proposer,
-        )
 
 
 def _work(
@@ -172,21 +137,14 @@ def _work(
     bar: Progress | None,
     spec: StudySpec,
     deadline: Deadline,
-    strategy: _Strategy,
+    driver: StrategyDriver,
 ) -> None:
     """The worker loop: run trials while budget slots are free; else wait for other workers."""
     heartbeats = compat.beats_enabled(study)
     poll_s = min(heartbeat_s(), 2.0)
     waiting_since: float | None = None
     while True:
-        if deadline.expired():
-            done = sum(judged(t) for t in study.get_trials(deepcopy=False))
-            log.info(
-                "time budget of %s reached: %d trials judged; no new trial starts "
-                "(rerun to continue the study)",
-                format_duration(deadline.seconds or 0.0),
-                done,
-            )
+        if deadline.reached(study):
             return
         fail_lost_trials(study)
         trials = study.get_trials(deepcopy=False)
@@ -213,7 +171,7 @@ def _work(
         queued = any(t.state == TrialState.WAITING for t in trials)
         if queued or not full(taken_slots(trials), budget):
             waiting_since = None
-            strategy.before_trial()
+            driver.before_trial()  # a proposal round, when one is due
             frozen = _run_trial(study, objective, beater, claims)
             if bar:
                 bar(study, frozen)
