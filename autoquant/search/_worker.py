@@ -83,7 +83,8 @@ def run_search(
         trials: plans to judge (default the study file's; None there: no count limit).
         storage: storage URL (default the study file's, else SQLite under ``runs_dir()``).
         progress: show a progress bar.
-        ctx: a prepared search context (tests, benchmarks).
+        ctx: a prepared search context (tests, benchmarks); its ``spec`` is the one the
+            trials and the strategy follow.
         timeout: seconds of wall time after which no trial starts (default the study
             file's ``[study] timeout``); the trial in flight finishes.
 

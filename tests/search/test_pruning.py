@@ -230,6 +230,7 @@ def test_a_digits_study_prunes_a_hopeless_trial_and_keeps_the_front(tmp_path: Pa
     studies = {}
     for prune in (True, False):
         s = replace(spec, name=f"prune-{prune}", strategy=replace(spec.strategy, prune=prune))
+        ctx.spec = s  # the search reads its strategy from the context
         url = f"sqlite:///{tmp_path / f'{prune}.db'}"
         study = load_study(s, url)
         # Two collapses bracket the damage of the third, which is judged by them.
