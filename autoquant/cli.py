@@ -112,7 +112,14 @@ def cmd_search(args: argparse.Namespace) -> int:
     url = storage_url(spec, args.storage)
     print(f"study {spec.name!r} on task {spec.task!r}; storage {mask_password(url)}")
     run = new_run_id()
-    study = run_search(spec, trials=args.trials, storage=url, progress=not args.quiet, run=run)
+    study = run_search(
+        spec,
+        trials=args.trials,
+        storage=url,
+        progress=not args.quiet,
+        run=run,
+        timeout=args.timeout,
+    )
     print(_front_or_message(study, spec, args))
     return _stopped_short(run_outcome(study, run, args.trials or spec.trials), args, spec)
 
@@ -138,10 +145,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
     print(f"worker joins study {spec.name!r} at {mask_password(args.storage)}")
     run = new_run_id()
     study = run_search(
-        spec, trials=args.trials, storage=args.storage, progress=not args.quiet, run=run
+        spec,
+        trials=args.trials,
+        storage=args.storage,
+        progress=not args.quiet,
+        run=run,
+        timeout=args.timeout,
     )
     outcome = run_outcome(study, run, args.trials or spec.trials)
-    print(f"worker done: the study has {outcome.complete} complete trials")
+    print(f"worker done: the study has {outcome.complete} judged trials")
     return _stopped_short(outcome, args, spec)
 
 
@@ -210,6 +222,34 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
             f"trial {args.trial} {r['backend']} batch {r['batch_size']} threads {r['threads']}: "
             f"median {r['median_ms']:.4f} ms, IQR {r['iqr_ms']:.4f} ms, n={r['n']}{was}"
         )
+    return EXIT_OK
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    import json
+
+    from autoquant.report import format_frame, sensitivity_cost, sensitivity_table_frame
+    from autoquant.search import ensure_sensitivity, load_study, load_study_spec, read_study_record
+
+    spec = load_study_spec(args.study)
+    study = load_study(spec, args.storage)  # it computes: creates the study like `search`
+    if not read_study_record(study).sensitivity:  # measure it, claimed like in a search
+        mode = spec.strategy.sensitivity if spec.strategy.sensitivity != "off" else "kl"
+        ensure_sensitivity(study, _context(study, spec), mode=mode)
+    df = sensitivity_table_frame(study)
+    assert df is not None
+    if args.format == "json":
+        print(json.dumps(read_study_record(study).sensitivity, indent=2))
+        return EXIT_OK
+    if args.format == "table":
+        cost = sensitivity_cost(study) or {}
+        per_trial = f" (≈ {cost['trials']:.1f} trials)" if cost.get("trials") else ""
+        print(
+            f"sensitivity pre-pass of study {spec.name!r} ({cost.get('mode')}): "
+            f"{cost.get('evaluations')} evaluations on {cost.get('held_out') or 0:.0f} "
+            f"held-out samples, {cost.get('wall_s') or 0:.1f} s{per_trial}"
+        )
+    print(format_frame(df, args.format), end="" if args.format == "csv" else "\n")
     return EXIT_OK
 
 
@@ -300,6 +340,7 @@ examples:
   autoquant search studies/digits.toml --fork   continue an edited space as a new study
   autoquant front studies/digits.toml           the Pareto front
   autoquant front studies/digits.toml --failed  failed trials, their run and reason
+  autoquant sensitivity studies/digits.toml     the per-layer sensitivity table
   autoquant report studies/digits.toml --out report/
   autoquant export studies/digits.toml --trial 3 --out export-trial3
 
@@ -380,6 +421,21 @@ def _study_name(text: str) -> str:
     return text
 
 
+TIMEOUT_HELP = (
+    "stop starting trials after this wall time (seconds, or e.g. 90s, 10m, 2h; default the "
+    "study file's [study] timeout); the trial in flight finishes"
+)
+
+
+def _duration(text: str) -> float:
+    from autoquant.search._strategy import StrategyError, parse_duration
+
+    try:
+        return parse_duration(text, "--timeout")
+    except StrategyError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from autoquant.search import MAX_SEED
 
@@ -410,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.add_argument("--seed", type=_int_in(0, MAX_SEED))
     p.add_argument("--threads", type=_threads, help="torch threads for QAT")
+    p.add_argument("--timeout", type=_duration, help=TIMEOUT_HELP)
     p.add_argument(
         "--fork",
         nargs="?",
@@ -433,8 +490,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=_int_in(1), help=trials_help)
     p.add_argument("--device", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=_threads, help="torch threads for QAT in this worker")
+    p.add_argument("--timeout", type=_duration, help=TIMEOUT_HELP)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_worker)
+
+    p = study_cmd(
+        "sensitivity",
+        "the per-layer sensitivity table of the study's pre-pass (measured once if missing)",
+    )
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    p.set_defaults(func=cmd_sensitivity)
 
     p = study_cmd("front", "print the Pareto front")
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")

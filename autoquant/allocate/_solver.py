@@ -376,16 +376,19 @@ def solve(
             if minimize != "size":  # float optimum: the second solve may not beat it by noise
                 best += 1e-9 * max(abs(best), 1.0)
             tied = {**{f"max_{q}": v for q, v in limits.items()}, f"max_{minimize}": best}
-            second = solve(
-                problem,
-                minimize=tie_break,
-                exclude=excluded,
-                classes=classes,
-                tie_break=None,
-                time_limit=time_limit,
-                **tied,
-            )
-            if second is None:  # pragma: no cover - the first solution is feasible there
+            try:
+                second = solve(
+                    problem,
+                    minimize=tie_break,
+                    exclude=excluded,
+                    classes=classes,
+                    tie_break=None,
+                    time_limit=time_limit,
+                    **tied,
+                )
+            except RuntimeError:  # a float optimum as a limit, finer than the MILP tolerance
+                second = None
+            if second is None:  # the first solution stands
                 return first
             return _allocation(problem, second.choice, minimize, budget)
     raise RuntimeError("the allocation solver kept violating a budget after tightening it")

@@ -30,6 +30,7 @@ from autoquant.report._select import (
     plan_frame,
     recommendations,
 )
+from autoquant.report._strategy_plots import pruning_figure, sensitivity_figure
 from autoquant.report._tables import (
     FORMATS,
     failed_frame,
@@ -38,7 +39,10 @@ from autoquant.report._tables import (
     format_table,
     front_frame,
     points_text,
+    pruning_summary,
+    sensitivity_cost,
     sensitivity_frame,
+    sensitivity_table_frame,
     trials_frame,
 )
 
@@ -65,10 +69,15 @@ __all__ = [
     "pareto_figures",
     "plan_frame",
     "points_text",
+    "pruning_figure",
+    "pruning_summary",
     "recommendations",
     "report_figures",
     "report_file",
+    "sensitivity_cost",
+    "sensitivity_figure",
     "sensitivity_frame",
+    "sensitivity_table_frame",
     "study_facts",
     "trials_frame",
     "write_report",

@@ -8,8 +8,8 @@ import optuna
 from optuna.trial import TrialState
 
 from autoquant.measure import machine_info
-from autoquant.report._tables import points_text
-from autoquant.search import read_study_record
+from autoquant.report._tables import points_text, pruning_summary, sensitivity_cost
+from autoquant.search import read_record, read_study_record
 
 
 def _fmt_seconds(s: float) -> str:
@@ -107,8 +107,7 @@ def study_facts(study: optuna.Study) -> list[tuple[str, str]]:
         ),
         (
             "budget / sampler / seed",
-            f"{spec.get('trials', '?')} trials, "
-            f"{spec.get('sampler', '?')}, seed {spec.get('seed', '?')}",
+            _budget_text(spec) + f", {spec.get('sampler', '?')}, seed {spec.get('seed', '?')}",
         ),
         ("search space", _space_text(spec.get("space", {})) or "?"),
         (
@@ -141,4 +140,53 @@ def study_facts(study: optuna.Study) -> list[tuple[str, str]]:
         ("created", str(record.created or "?")),
         *([("forked from", f"study {record.forked_from}")] if record.forked_from else []),
     ]
+    return rows + strategy_facts(study)
+
+
+def _budget_text(spec: dict[str, Any]) -> str:
+    trials = spec.get("trials", "?")
+    text = "no trial limit" if trials is None else f"{trials} trials"
+    if spec.get("timeout"):
+        text += f", timeout {_fmt_seconds(spec['timeout'])}"
+    return text
+
+
+def strategy_facts(study: optuna.Study) -> list[tuple[str, str]]:
+    """Header rows on the sensitivity pre-pass, the solver's proposals and the pruning, each
+    only when the study used it."""
+    rows = []
+    cost = sensitivity_cost(study)
+    if cost is not None:
+        per_trial = (
+            f" (≈ {cost['trials']:.1f} trials at the median trial time)" if cost["trials"] else ""
+        )
+        rows.append(
+            (
+                "sensitivity pre-pass",
+                f"{cost['mode']}: {cost['evaluations']} evaluations on {cost['held_out']:.0f} "
+                f"held-out samples, {cost['wall_s']:.1f} s{per_trial}",
+            )
+        )
+    rounds = read_study_record(study).proposal_rounds or []
+    if rounds:
+        made = [read_record(t) for t in study.get_trials(deepcopy=False)]
+        made = [r for r in made if r.proposal is not None and r.retry_of is None]
+        rows.append(
+            (
+                "solver proposals",
+                f"{len(made)} trials proposed in {len(rounds)} rounds "
+                f"({sum(r.accuracy is not None for r in made)} complete)",
+            )
+        )
+    p = pruning_summary(study)
+    if p["pruned"]:
+        where = ", ".join(f"{n} at {f}" for f, n in sorted(p["by_fidelity"].items()))
+        why = ", ".join(f"{n} {r}" for r, n in sorted(p["by_reason"].items()))
+        rows.append(
+            (
+                "pruning",
+                f"{p['pruned']} trials stopped early ({where} of QAT; {why}), saving "
+                f"≈ {_fmt_seconds(p['saved_s'])} of trial time",
+            )
+        )
     return rows

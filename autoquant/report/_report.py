@@ -27,11 +27,14 @@ from optuna.trial import TrialState
 from autoquant.report._info import counts, study_facts
 from autoquant.report._plots import FIGURES, report_figures
 from autoquant.report._select import DEFAULT_TOLERANCE, deployed_warning, recommendations
+from autoquant.report._strategy_plots import STRATEGY_FIGURES, strategy_figures
 from autoquant.report._tables import (
     float_baseline_or_none,
     front_frame,
     points_text,
+    sensitivity_cost,
     sensitivity_frame,
+    sensitivity_table_frame,
     trials_frame,
 )
 from autoquant.search import (
@@ -54,6 +57,12 @@ PLOT_CAPTIONS = {
     "hypervolume": "Hypervolume of the feasible (accuracy, size) front after each complete "
     "trial (higher is better; 1 would be a zero-size model at 100 %).",
     "bitmap": "Weight and activation bit widths of each Pareto trial, layers in model order.",
+    "sensitivity": "Damage of quantizing each unit (layer or tie group) alone with each "
+    "weight option (activations float) and each activation option (weights float), "
+    "calibrated, without QAT; the solver's proposals start from this table.",
+    "pruning": "Wall time of each trial; trials stopped early by the pruning rule in orange, "
+    "with the estimated time they would still have taken (the median complete trial's time "
+    "minus what they spent) hatched.",
 }
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2em auto;
@@ -108,13 +117,14 @@ def _num(v: Any, fmt: str, scale: float = 1.0) -> str:
     return format(scale * v, fmt)
 
 
-REPORT_FILES = frozenset({"report.html", "report.md", "trials.csv", "front.csv"})
+REPORT_FILES = frozenset({"report.html", "report.md", "trials.csv", "front.csv", "sensitivity.csv"})
+_REPORT_FIGURES = (*FIGURES, *STRATEGY_FIGURES)
 
 
 def report_file(rel: str) -> bool:
     """Whether a path (relative, POSIX) is one :func:`write_report` writes: what
     ``--force`` may replace."""
-    return rel in REPORT_FILES or rel in {f"plots/{name}.png" for name in FIGURES}
+    return rel in REPORT_FILES or rel in {f"plots/{name}.png" for name in _REPORT_FIGURES}
 
 
 def _front_display(df: pd.DataFrame) -> pd.DataFrame:
@@ -149,6 +159,29 @@ def _sensitivity_display(df: pd.DataFrame, low: int = 4, high: int = 8) -> pd.Da
             "gain of protecting (points)": [_num(v, "+.2f", 100) for v in df["gain"]],
         }
     )
+
+
+def _prepass_display(study: optuna.Study, df: pd.DataFrame) -> dict[str, Any]:
+    """The pre-pass table as units × options of its metric, and the sentence on its cost."""
+    cost = sensitivity_cost(study) or {}
+    metric = cost.get("metric") or "eval_kl"
+    if metric not in df.columns:
+        metric = "eval_kl"
+    wide = pd.DataFrame({"unit": list(dict.fromkeys(df["unit"]))}).set_index("unit")
+    for _, row in df.iterrows():
+        wide.loc[row["unit"], f"{row['kind'][0]}: {row['option']}"] = _num(row[metric], ".3g")
+    per_trial = (
+        f", ≈ {cost['trials']:.1f} trials at the median trial time" if cost.get("trials") else ""
+    )
+    text = (
+        f"Measured once before the trials ({cost.get('mode')}): "
+        f"{cost.get('evaluations')} post-training evaluations on "
+        f"{cost.get('held_out') or 0:.0f} held-out samples in {cost.get('wall_s') or 0:.1f} s"
+        f"{per_trial}. Cells: {metric} (w: weight options with float activations, a: "
+        "activation options with float weights); lower is better. All rows are in "
+        "sensitivity.csv."
+    )
+    return {"table": wide.reset_index().fillna(""), "text": text}
 
 
 def _html_table(
@@ -333,6 +366,8 @@ def _write_report(
     # Without a float baseline there is nothing to draw against (and no complete trial).
     has_baseline = float_baseline_or_none(study) is not None
     figs = report_figures(study, compare=compare, max_drop=max_drop) if has_baseline else {}
+    if has_baseline:
+        figs.update(strategy_figures(study))
     svgs = {}
     for name, fig in figs.items():
         paths[f"plot_{name}"] = f"plots/{name}.png"
@@ -349,6 +384,10 @@ def _write_report(
         tolerance=tolerance,
     )
     sens = _sensitivity_display(sensitivity_frame(study))
+    table = sensitivity_table_frame(study)
+    if table is not None:
+        paths["sensitivity_csv"] = "sensitivity.csv"
+        table.to_csv(out / "sensitivity.csv", index=False)
     failed = _failed_frame(study)
     front_disp = _front_display(front)
     if not (front_disp["deployed check"] != "").any():
@@ -360,6 +399,7 @@ def _write_report(
         "warnings": _deployed_warnings(study, flagged),
         "recos": recos,
         "sens": sens,
+        "prepass": None if table is None else _prepass_display(study, table),
         "failed": failed,
         "front": front_disp,
         "front_trials": list(front["trial"]),
@@ -367,6 +407,7 @@ def _write_report(
         "generated": time.strftime("%Y-%m-%d %H:%M:%S"),
         "max_drop": max_drop,
         "compare": compare,
+        "figures": set(figs),
     }
 
     paths["html"] = "report.html"
@@ -454,14 +495,29 @@ def _html(study: optuna.Study, c: dict[str, Any], svgs: dict[str, str]) -> str:
             parts.append('<p class="none">No trial qualifies.</p>')
         else:
             parts.append(f"<p>{e(_reco_text(rec))}</p><pre>{e(rec['command'])}</pre>")
-    parts += [
-        "<h2>Layer sensitivity observed across trials</h2>",
-        '<p class="muted">Mean accuracy of complete trials by the bit width of each '
-        "layer's weights. A large gain means trials that squeezed this layer lost "
-        "accuracy: the search learned to protect it. Counts are small in short "
-        "studies; read this as evidence, not proof.</p>",
-        _html_table(c["sens"], left=("layer", "type")),
-    ]
+    if "pruning" in svgs:
+        parts += [
+            "<h2>Time per trial and pruning</h2>",
+            f'<figure id="plot-pruning">{svgs["pruning"]}'
+            f"<figcaption>{e(PLOT_CAPTIONS['pruning'])}</figcaption></figure>",
+        ]
+    if c["prepass"] is not None:  # the measured table replaces what trials suggested
+        parts += [
+            "<h2>Layer sensitivity (pre-pass)</h2>",
+            f'<p class="muted">{e(c["prepass"]["text"])}</p>',
+            f'<figure id="plot-sensitivity">{svgs["sensitivity"]}'
+            f"<figcaption>{e(PLOT_CAPTIONS['sensitivity'])}</figcaption></figure>",
+            _html_table(c["prepass"]["table"], left=("unit",)),
+        ]
+    else:
+        parts += [
+            "<h2>Layer sensitivity observed across trials</h2>",
+            '<p class="muted">Mean accuracy of complete trials by the bit width of each '
+            "layer's weights. A large gain means trials that squeezed this layer lost "
+            "accuracy: the search learned to protect it. Counts are small in short "
+            "studies; read this as evidence, not proof.</p>",
+            _html_table(c["sens"], left=("layer", "type")),
+        ]
     if len(c["failed"]):
         parts += [
             "<h2>Failed and pruned trials</h2>",
@@ -507,7 +563,16 @@ def _markdown(study: optuna.Study, c: dict[str, Any], drawn: set[str]) -> str:
             lines += ["No trial qualifies.", ""]
         else:
             lines += [_md(_reco_text(rec)), "", *_fence(rec["command"]), ""]
-    lines += ["## Layer sensitivity observed across trials", "", _md_table(c["sens"]), ""]
+    if "pruning" in c["figures"]:
+        lines += ["## Time per trial and pruning", "", "![pruning](plots/pruning.png)", ""]
+        lines += [PLOT_CAPTIONS["pruning"], ""]
+    if c["prepass"] is not None:
+        lines += ["## Layer sensitivity (pre-pass)", "", _md(c["prepass"]["text"]), ""]
+        if "sensitivity" in c["figures"]:
+            lines += ["![sensitivity](plots/sensitivity.png)", ""]
+        lines += [_md_table(c["prepass"]["table"]), ""]
+    else:
+        lines += ["## Layer sensitivity observed across trials", "", _md_table(c["sens"]), ""]
     if len(c["failed"]):
         lines += ["## Failed and pruned trials", "", _md_table(c["failed"]), ""]
     return "\n".join(lines)

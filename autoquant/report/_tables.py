@@ -1,4 +1,4 @@
-"""pandas tables of a study's trials and Pareto front."""
+"""pandas tables of a study's trials and Pareto front, and of how the search chose them."""
 
 from __future__ import annotations
 
@@ -65,6 +65,8 @@ def _row(
         "deployed": deployed_check_text(check),
         "run": _text(r.run),
         "fail_reason": _text(r.fail_reason),
+        "source": trial_source(r),
+        "pruned_at": (r.pruned or {}).get("fidelity"),
     }
 
 
@@ -104,6 +106,8 @@ def _row_columns() -> list[str]:
         "deployed",
         "run",
         "fail_reason",
+        "source",
+        "pruned_at",
     ]
 
 
@@ -118,7 +122,7 @@ def front_frame(study: optuna.Study, max_drop: float | None = None) -> pd.DataFr
     """
     rows = _rows(study, pareto_front(study, max_drop))
     df = pd.DataFrame(rows, columns=_row_columns())
-    return df.drop(columns=["state", "run", "fail_reason"])
+    return df.drop(columns=["state", "run", "fail_reason", "pruned_at"])
 
 
 def failed_frame(study: optuna.Study) -> pd.DataFrame:
@@ -274,3 +278,110 @@ def sensitivity_frame(
             "gain",
         ],
     )
+
+
+# -- how the search chose and judged its trials (pre-pass, proposals, pruning) -----------------
+
+_SHORT = {"per_channel": "c", "per_tensor": "t", True: "sym", False: "asym"}
+
+
+def _option_label(kind: str, knobs: dict[str, Any], varying: list[str]) -> str:
+    """A short label of one option from the knobs that vary, e.g. ``w4 t`` or ``a8 mse``."""
+    parts = []
+    for k in varying:
+        v = knobs[k]
+        if k.endswith("_bits"):
+            parts.append(f"{kind[0]}{v}")
+        else:
+            parts.append(str(_SHORT.get(v, v)))
+    return " ".join(parts) or "fixed"
+
+
+def sensitivity_table_frame(study: optuna.Study) -> pd.DataFrame | None:
+    """The stored pre-pass table (:mod:`autoquant.search._prepass`), one row per unit and
+    option: ``unit``, ``kind`` (weight / activation), ``option`` (a short label of the knobs
+    that vary), the knob values, and every damage metric (``eval_kl``, ``eval_acc``, ...).
+    None when the study has no table (it ran without the pre-pass, or before it existed).
+
+    Example:
+        >>> sensitivity_table_frame(study).query("kind == 'weight'")  # doctest: +SKIP
+    """
+    from autoquant.allocate import SensitivityTable
+
+    stored = read_study_record(study).sensitivity
+    if not stored:
+        return None
+    table = SensitivityTable.from_dict(stored["table"])
+    rows = table.rows()
+    knob_names = [k for k in rows[0] if k.startswith(("w_", "a_"))] if rows else []
+    for kind in ("weight", "activation"):
+        mine = [r for r in rows if r["kind"] == kind]
+        knobs = [k for k in knob_names if k.startswith(kind[0] + "_")]
+        varying = [k for k in knobs if len({str(r.get(k)) for r in mine}) > 1]
+        for r in mine:
+            r["option"] = _option_label(kind, r, varying)
+    columns = ["unit", "kind", "option", *knob_names, *table.metrics]
+    return pd.DataFrame([{c: r.get(c) for c in columns} for r in rows], columns=columns)
+
+
+def sensitivity_cost(study: optuna.Study) -> dict[str, Any] | None:
+    """What the pre-pass cost: ``wall_s``, ``evaluations``, ``mode``, ``metric``, and
+    ``trials`` (wall time over the median complete trial's; None before any trial).
+
+    Example:
+        >>> sensitivity_cost(study)["trials"]  # doctest: +SKIP
+        0.6
+    """
+    stored = read_study_record(study).sensitivity
+    if not stored:
+        return None
+    times = sorted(
+        s
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if (r := read_record(t)).duplicate_of is None and (s := r.total_s)
+    )
+    median = times[len(times) // 2] if times else None
+    settings = stored["table"].get("settings", {})
+    return {
+        "mode": stored.get("mode"),
+        "metric": stored.get("metric"),
+        "wall_s": stored.get("wall_s"),
+        "evaluations": settings.get("evaluations"),
+        "held_out": settings.get("eval_samples"),
+        "median_trial_s": median,
+        "trials": stored["wall_s"] / median if median else None,
+    }
+
+
+def pruning_summary(study: optuna.Study) -> dict[str, Any]:
+    """Trials stopped by the pruning rule: how many (per fidelity and reason), and the time
+    they spent and are estimated to have saved (seconds).
+
+    Example:
+        >>> pruning_summary(study)["saved_s"]  # doctest: +SKIP
+        41.5
+    """
+    out: dict[str, Any] = {"pruned": 0, "by_fidelity": {}, "by_reason": {}, "spent_s": 0.0}
+    out["saved_s"] = 0.0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)):
+        p = read_record(t).pruned
+        if not p:
+            continue
+        out["pruned"] += 1
+        f = f"{100 * p.get('fidelity', 0.0):g} %"
+        out["by_fidelity"][f] = out["by_fidelity"].get(f, 0) + 1
+        reason = str(p.get("reason"))
+        out["by_reason"][reason] = out["by_reason"].get(reason, 0) + 1
+        out["spent_s"] += p.get("spent_s") or 0.0
+        out["saved_s"] += p.get("saved_s") or 0.0
+    return out
+
+
+def trial_source(record: TrialRecord) -> str:
+    """Where a trial's plan came from: ``baseline w8a8``, ``proposal r1 min-size`` (the
+    solver, round 1) or ``sampler``."""
+    if record.baseline:
+        return f"baseline {record.baseline}"
+    if record.proposal:
+        return f"proposal r{record.proposal.get('round', '?')} {record.proposal.get('source', '')}"
+    return "sampler"

@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 from autoquant.search._baselines import BASELINES, enqueue_baselines
+from autoquant.search._budget import judged
 from autoquant.search._context import SearchContext, TrialResult, replay
 from autoquant.search._export import (
     MISMATCH_TOLERANCE,
@@ -37,6 +38,8 @@ from autoquant.search._pareto import (
     nondominated,
     pareto_front,
 )
+from autoquant.search._prepass import ensure_sensitivity, stored_sensitivity
+from autoquant.search._pruning import Curve, Decision, Recovery, decide, learn_recovery
 from autoquant.search._record import (
     RECORD_VERSION,
     FloatBaseline,
@@ -83,6 +86,7 @@ from autoquant.search._storages import (
     runs_dir,
     storage_url,
 )
+from autoquant.search._strategy import StrategySettings, parse_duration
 from autoquant.search._worker import run_search
 
 __all__ = [
@@ -90,6 +94,16 @@ __all__ = [
     "EXPORT_FILES",
     "MAX_SEED",
     "MISMATCH_TOLERANCE",
+    "Curve",
+    "Decision",
+    "Recovery",
+    "StrategySettings",
+    "decide",
+    "ensure_sensitivity",
+    "judged",
+    "learn_recovery",
+    "parse_duration",
+    "stored_sensitivity",
     "OBJECTIVES",
     "RECORD_VERSION",
     "SAMPLERS",

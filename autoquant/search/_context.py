@@ -5,12 +5,20 @@ model, data, latency cache); :meth:`SearchContext.run_plan` scores one plan into
 :class:`TrialResult` whose :class:`~autoquant.search.TrialRecord` is what the trial stores.
 Nothing here knows about Optuna's studies: :func:`replay` runs a stored trial again from its
 parameters alone.
+
+Checkpoints. With ``on_checkpoint``, :meth:`SearchContext.run_plan` measures size and latency
+right after calibration (neither depends on the fine-tuned values; latency is cached by the
+deployed graph's signature) and calls ``on_checkpoint`` after calibration (fraction 0.0) and
+after each requested fraction of the QAT steps; the callback may raise to stop the trial (the
+pruner, :mod:`autoquant.search._pruning`). Without it, the order and the results are as before.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +34,7 @@ from autoquant.transform import (
     apply_plan,
     calibration,
     call_model,
+    excluded_layers_message,
     float_size_bytes,
     inputs_to,
     packed_size_bytes,
@@ -37,6 +46,29 @@ from ._record import TrialRecord, record_attrs
 from ._spec import StudyFileError, StudySpec
 
 _MAX_HISTORY = 200  # loss points kept per trial; longer histories are subsampled
+
+log = logging.getLogger("autoquant")
+
+
+@dataclass
+class Checkpoint:
+    """A trial's state at a fidelity, for :meth:`SearchContext.run_plan`'s ``on_checkpoint``.
+
+    Attributes:
+        fraction: the fraction of the QAT steps done (0.0: right after calibration).
+        step: QAT steps done.
+        model: the model being fine-tuned (evaluate it; do not change it).
+        size_bytes: its exact packed size.
+        latencies: its measured latency per batch size (``LatencyResult.to_dict()``).
+        elapsed_s: seconds since the trial started.
+    """
+
+    fraction: float
+    step: int
+    model: nn.Module
+    size_bytes: int
+    latencies: list[dict[str, Any]]
+    elapsed_s: float
 
 
 @dataclass
@@ -77,8 +109,12 @@ class SearchContext:
         self.device = torch.device(spec.device)
         self.float_model = self.task.model_factory().eval()
         self.example_input = self.task.example_input(spec.latency.batch_sizes[0])
+        # Every quantizable layer with its discovery status; only the ``ok`` ones are searched.
         self.layers = quantizable_layers(self.float_model, self.example_input)
-        self.layer_names = [info.name for info in self.layers]
+        self.layer_names = [info.name for info in self.layers if info.ok]
+        excluded = excluded_layers_message(self.layers)
+        if excluded:
+            log.warning(excluded)
         self.searched = spec.space.select(self.layer_names)
         self.calib = self.task.calib_batches(spec.qat.calib_batch_size)[: spec.qat.calib_batches]
         self.eval = self.task.eval_batches(spec.qat.eval_batch_size)
@@ -93,7 +129,7 @@ class SearchContext:
         lat = self._latencies(model.cpu(), None)
         return {
             "accuracy": acc,
-            "size_bytes": float_size_bytes(self.float_model),
+            "size_bytes": float_size_bytes(self.float_model, example_input=self.example_input),
             "latency_ms": lat[0]["median_ms"],
             "latency": lat,
         }
@@ -113,23 +149,54 @@ class SearchContext:
         steps: int,
         float_accuracy: float | None = None,
         measure: bool = True,
+        checkpoints: Sequence[float] = (),
+        on_checkpoint: Callable[[Checkpoint], None] | None = None,
     ) -> TrialResult:
         """Apply, calibrate, fine-tune and score one plan (deterministic under the study seed).
+
+        Args:
+            plan: the plan.
+            lr: QAT learning rate.
+            steps: QAT steps.
+            float_accuracy: the float model's accuracy (for ``accuracy_drop``).
+            measure: measure the latency (else NaN).
+            checkpoints: fractions of the QAT steps, in [0, 1), at which ``on_checkpoint`` is
+                called (0.0: after calibration; see the module doc).
+            on_checkpoint: called with a :class:`Checkpoint`; it may raise to stop the trial.
+                Its time is recorded as ``timing_s["checkpoints"]``.
 
         Raises:
             autoquant.train.NonFiniteLossError: the QAT loss became NaN or inf.
         """
         spec = self.spec
-        timing: dict[str, float] = {}
+        timing: dict[str, float] = {"checkpoints": 0.0}
         t0 = time.perf_counter()
         torch.manual_seed(spec.seed)
-        model = apply_plan(self.float_model, plan).to(self.device)
+        model = apply_plan(self.float_model, plan, example_input=self.example_input).to(self.device)
         with calibration(model), torch.no_grad():
             for x, _ in self.calib:
                 call_model(model, inputs_to(x, self.device))
         timing["calibrate"] = time.perf_counter() - t0
 
-        t = time.perf_counter()
+        early = on_checkpoint is not None
+        size: int | None = None
+        latencies: list[dict[str, Any]] = []
+        if early:  # both known before QAT, so that the pruner can compare plans
+            size, latencies = self._measure(model, plan, measure, timing)
+        # QAT steps done at each checkpoint (0: after calibration); none without QAT, where
+        # the final score is as cheap as an early one.
+        at_step = {0 if f == 0 else max(1, round(f * steps)): f for f in checkpoints}
+        at_step = {k: f for k, f in at_step.items() if k < steps}
+
+        def check(done: int) -> None:
+            if on_checkpoint is None or size is None or done not in at_step:
+                return
+            t = time.perf_counter()
+            on_checkpoint(Checkpoint(at_step[done], done, model, size, latencies, t - t0))
+            timing["checkpoints"] += time.perf_counter() - t
+
+        check(0)
+        t, before = time.perf_counter(), timing["checkpoints"]
         history = (
             qat_finetune(
                 model,
@@ -139,22 +206,24 @@ class SearchContext:
                 lr=lr,
                 optimizer=spec.qat.optimizer,
                 device=self.device,
+                callback=(lambda step, _loss: check(step + 1)) if early else None,
             )
             if steps > 0
             else []
         )
-        timing["qat"] = time.perf_counter() - t
+        timing["qat"] = time.perf_counter() - t - (timing["checkpoints"] - before)
 
         t = time.perf_counter()
         accuracy = evaluate(model, self.eval, device=self.device)
         timing["eval"] = time.perf_counter() - t
 
-        t = time.perf_counter()
+        if not early:
+            size, latencies = self._measure(model, plan, measure, timing)
         model = model.cpu().eval()
-        size = packed_size_bytes(model, plan)
-        latencies = self._latencies(model, plan) if measure else [{"median_ms": float("nan")}]
-        timing["measure"] = time.perf_counter() - t
+        assert size is not None
         timing["total"] = time.perf_counter() - t0
+        if not early:
+            del timing["checkpoints"]
 
         record = TrialRecord(
             plan=plan.to_dict(),
@@ -171,6 +240,20 @@ class SearchContext:
         )
         values = {"accuracy": accuracy, "size": float(size), "latency": latencies[0]["median_ms"]}
         return TrialResult(model=model, plan=plan, values=values, record=record)
+
+    def _measure(
+        self, model: nn.Module, plan: QuantPlan, measure: bool, timing: dict[str, float]
+    ) -> tuple[int, list[dict[str, Any]]]:
+        """Packed size and latency of the (calibrated) model, timed as ``measure``."""
+        t = time.perf_counter()
+        cpu = model if self.device.type == "cpu" else copy.deepcopy(model).cpu()
+        was_training = cpu.training
+        cpu.eval()
+        size = packed_size_bytes(cpu, plan)
+        latencies = self._latencies(cpu, plan) if measure else [{"median_ms": float("nan")}]
+        cpu.train(was_training)
+        timing["measure"] = time.perf_counter() - t
+        return size, latencies
 
     def _latencies(self, model: nn.Module, plan: QuantPlan | None) -> list[dict[str, Any]]:
         """Latency at every configured batch size, deploying the model once (cached)."""

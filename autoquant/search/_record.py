@@ -102,6 +102,10 @@ class TrialRecord:
     # why it failed or was pruned
     fail_reason: str | None = None
     traceback: str | None = None
+    # how the search chose and judged it (see _proposals / _pruning)
+    proposal: dict[str, Any] | None = None  # the solver's plan: source, budget, prediction, round
+    fidelity_scores: dict[str, float] | None = None  # QAT fraction ("0.5") -> held-out accuracy
+    pruned: dict[str, Any] | None = None  # stopped by the pruning rule: fidelity, reason, ...
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @cached_property
@@ -224,7 +228,8 @@ class FloatBaseline:
 class StudyRecord:
     """What autoquant stores on a study, in the order it is written.
 
-    ``float_baseline`` comes last: the other workers poll for it. The latency cache
+    ``float_baseline`` comes last of what the first worker writes: the other workers poll
+    for it. ``sensitivity`` (the pre-pass) and ``proposal_rounds`` follow. The latency cache
     (``latency:<key>`` attributes, see :class:`~autoquant.search.OptunaAttrStore`) is not
     part of the record.
     """
@@ -236,6 +241,9 @@ class StudyRecord:
     machine: dict[str, Any] | None = None  # where latency is measured
     forked_from: str | None = None  # the study this one was forked from (--fork)
     float_baseline: FloatBaseline | None = None
+    # written later, by one worker each (claimed): the pre-pass and the solver's rounds
+    sensitivity: dict[str, Any] | None = None  # SensitivityTable.to_dict() plus "wall_s"
+    proposal_rounds: list[dict[str, Any]] | None = None
 
     @property
     def max_accuracy_drop(self) -> float | None:
@@ -349,15 +357,16 @@ def _upgrade(attrs: Mapping[str, Any], what: str) -> Mapping[str, Any]:
 
 
 def retry_record(record: TrialRecord, lost_number: int) -> TrialRecord:
-    """What the retry of a lost trial starts with: its ``baseline`` mark and ``retry_of``."""
-    return TrialRecord(baseline=record.baseline, retry_of=lost_number)
+    """What the retry of a lost trial starts with: its ``baseline`` and ``proposal`` marks and
+    ``retry_of``."""
+    return TrialRecord(baseline=record.baseline, proposal=record.proposal, retry_of=lost_number)
 
 
 def twin_record(twin: TrialRecord, twin_number: int) -> TrialRecord:
     """The record of a trial that reuses the result of an identical complete trial.
 
     It takes the twin's outcome, not the twin's own marks (worker, baseline, retry_of, run,
-    forked_from, its deployment check).
+    forked_from, its deployment check, proposal).
     """
     return replace(
         twin,
@@ -367,6 +376,7 @@ def twin_record(twin: TrialRecord, twin_number: int) -> TrialRecord:
         run=None,
         forked_from=None,
         deployed=None,
+        proposal=None,
         duplicate_of=twin_number,
         timing_s={"total": 0.0},
     )

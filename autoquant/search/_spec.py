@@ -18,6 +18,7 @@ from autoquant.types import PlanError
 
 from ._objectives import OBJECTIVES, REQUIRED_OBJECTIVE, directions
 from ._samplers import SAMPLERS
+from ._strategy import StrategyError, StrategySettings, parse_duration, strategy_from_dict
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -105,7 +106,7 @@ class StudySpec:
 
     name: str
     task: str
-    trials: int = 20
+    trials: int | None = 20  # None: no count limit (a timeout ends the search)
     sampler: str = "tpe"
     seed: int = 0
     storage: str | None = None
@@ -117,6 +118,8 @@ class StudySpec:
     qat: QATSettings = field(default_factory=QATSettings)
     latency: LatencySettings = field(default_factory=LatencySettings)
     source: str | None = None
+    timeout: float | None = None  # seconds of wall time after which no trial starts
+    strategy: StrategySettings = field(default_factory=StrategySettings)
 
     def __post_init__(self) -> None:
         # Checked here too, not only in the file loader: the CLI's --seed and --fork replace()
@@ -125,10 +128,18 @@ class StudySpec:
         problem = study_name_problem(self.name)
         if problem:
             raise StudyFileError(f"{where}study.name = {problem}")
-        if isinstance(self.trials, bool) or not isinstance(self.trials, int) or self.trials < 1:
+        trials = self.trials
+        if trials is None and self.timeout is None:
             raise StudyFileError(
-                f"{where}study.trials = {self.trials!r} must be >= 1 (allowed values: an "
-                "integer >= 1)"
+                f"{where}study.trials is missing and there is no study.timeout; give either "
+                "(a trial count, a wall-clock budget, or both)"
+            )
+        if trials is not None and (
+            isinstance(trials, bool) or not isinstance(trials, int) or trials < 1
+        ):
+            raise StudyFileError(
+                f"{where}study.trials = {trials!r} must be >= 1 (allowed values: an integer "
+                ">= 1, or none with a study.timeout)"
             )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise StudyFileError(f"{where}study.seed = {self.seed!r}; expected an integer")
@@ -148,6 +159,8 @@ class StudySpec:
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, SearchSpace):
+                v = v.to_dict()
+            elif isinstance(v, StrategySettings):
                 v = v.to_dict()
             elif isinstance(v, (QATSettings, LatencySettings)):
                 v = {
@@ -250,8 +263,8 @@ def _finite_space_numbers(path: str, space: Mapping[str, Any]) -> None:
                 )
 
 
-_TOP = {"study", "task", "space", "qat", "latency", "objectives", "constraint"}
-_STUDY = {"name", "trials", "sampler", "seed", "storage", "device"}
+_TOP = {"study", "task", "space", "qat", "latency", "objectives", "constraint", "strategy"}
+_STUDY = {"name", "trials", "sampler", "seed", "storage", "device", "timeout"}
 
 
 def study_spec_from_dict(data: Mapping[str, Any], path: str = "<study>") -> StudySpec:
@@ -277,7 +290,15 @@ def study_spec_from_dict(data: Mapping[str, Any], path: str = "<study>") -> Stud
     _no_unknown(path, "task", {**task, "name": 0, "options": 0}, {"name", "options"})
 
     name = _check(path, "study.name", study.get("name", Path(path).stem), str)
-    trials = _check(path, "study.trials", study.get("trials", 20), int)  # range: StudySpec
+    try:  # [strategy] and the timeout
+        timeout = parse_duration(study["timeout"], "study.timeout") if "timeout" in study else None
+        strategy = strategy_from_dict(path, data.get("strategy", {}))
+    except StrategyError as e:
+        raise StudyFileError(f"{path}: {e}") from None
+    # Without a trial count, a timeout alone bounds the search (range: StudySpec).
+    trials = study.get("trials", None if timeout is not None else 20)
+    if trials is not None:
+        trials = _check(path, "study.trials", trials, int)
     sampler = _check(path, "study.sampler", study.get("sampler", "tpe"), str, tuple(SAMPLERS))
     seed = _check(path, "study.seed", study.get("seed", 0), int)
     storage = study.get("storage")
@@ -344,16 +365,20 @@ def study_spec_from_dict(data: Mapping[str, Any], path: str = "<study>") -> Stud
         qat=qat,
         latency=latency,
         source=str(path),
+        timeout=timeout,
+        strategy=strategy,
     )
 
 
 def load_study_spec(path: str | os.PathLike[str]) -> StudySpec:
     """Load and validate a study file.
 
-    The file has the tables ``[study]`` (name, trials, sampler, seed, storage, device),
+    The file has the tables ``[study]`` (name, trials, sampler, seed, storage, device,
+    timeout),
     ``[task]`` (name, options), ``[space]`` (see :class:`~autoquant.space.SearchSpace`),
-    ``[qat]``, ``[latency]``, ``[objectives]`` (use) and ``[constraint]``
-    (max_accuracy_drop). Every error names the file and the key.
+    ``[qat]``, ``[latency]``, ``[objectives]`` (use), ``[constraint]`` (max_accuracy_drop)
+    and ``[strategy]`` (:class:`~autoquant.search.StrategySettings`). Every error names the
+    file and the key.
 
     Example:
         >>> spec = load_study_spec("studies/digits.toml")  # doctest: +SKIP

@@ -2,7 +2,8 @@
 
 It checks the trial's budget slot (pruned when earlier trials fill the budget), reuses the
 result of an earlier complete trial with the same plan and QAT settings (training is
-deterministic), else runs the plan through :class:`SearchContext`, and writes the
+deterministic), else runs the plan through :class:`SearchContext` (with the pruner's
+checkpoints, :mod:`autoquant.search._pruning`, when pruning is on), and writes the
 :class:`TrialRecord`. Every failure leaves a ``fail_reason`` (and ``traceback``).
 """
 
@@ -20,9 +21,10 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autoquant.train import NonFiniteLossError
 
-from ._budget import slot, taken_slots
+from ._budget import full, slot, taken_slots
 from ._context import SearchContext
 from ._objectives import objective_values
+from ._pruning import Pruner
 from ._record import FloatBaseline, TrialRecord, read_record, twin_record, write_record
 
 _OOM: tuple[type[BaseException], ...] = (
@@ -49,16 +51,19 @@ def _fail(trial: optuna.Trial, reason: str, tb: str | None = None) -> None:
 def make_objective(
     study: optuna.Study,
     ctx: SearchContext,
-    budget: int,
+    budget: int | None,
     worker: str | None = None,
     *,
     baseline: FloatBaseline,
     run: str | None = None,
+    pruner: Pruner | None = None,
 ) -> Callable[[optuna.Trial], list[float]]:
     """The trial function: budget check, then plan → QAT → metrics (see :class:`SearchContext`).
 
     Every failure leaves a ``fail_reason`` (and ``traceback``) on the trial; ``run`` is
-    recorded on every trial, so a run counts only its own failures (``_runs.py``).
+    recorded on every trial, so a run counts only its own failures (``_runs.py``). With
+    ``pruner`` a trial may stop early with :class:`optuna.TrialPruned` and its ``pruned``
+    record.
     """
     spec = ctx.spec
 
@@ -68,8 +73,8 @@ def make_objective(
         trials = study.get_trials(deepcopy=False)
         mine = next((t for t in trials if t.number == trial.number), None)
         before = slot(mine) if mine is not None else trial.number
-        if taken_slots(trials, before=before) >= budget:
-            _fail(trial, f"budget of {budget} complete trials filled by earlier trials")
+        if full(taken_slots(trials, before=before), budget):
+            _fail(trial, f"budget of {budget} judged trials filled by earlier trials")
             raise optuna.TrialPruned("budget reached")
         try:
             plan, qat = ctx.plan_for(trial)
@@ -79,10 +84,18 @@ def make_objective(
                 for key, value in twin.constraints.items():
                     trial.set_constraint(key, value)
                 return list(twin.values)
+            monitor = pruner.monitor(trial, plan, qat) if pruner is not None else None
             result = ctx.run_plan(
-                plan, lr=qat["lr"], steps=qat["steps"], float_accuracy=baseline.accuracy
+                plan,
+                lr=qat["lr"],
+                steps=qat["steps"],
+                float_accuracy=baseline.accuracy,
+                checkpoints=pruner.fidelities if pruner is not None else (),
+                on_checkpoint=monitor,
             )
             values = objective_values(result.values, spec.objectives)
+        except optuna.TrialPruned:  # by the pruning rule, with its record
+            raise
         except NonFiniteLossError as e:
             _fail(trial, f"non-finite QAT loss: {e}")
             raise
@@ -94,7 +107,11 @@ def make_objective(
                 reason = f"{type(e).__name__}: {e}"
             _fail(trial, reason[:2000], traceback.format_exc()[-4000:])
             raise
-        record = replace(result.record, size_ratio=result.values["size"] / baseline.size_bytes)
+        record = replace(
+            result.record,
+            size_ratio=result.values["size"] / baseline.size_bytes,
+            fidelity_scores=(monitor.scores or None) if monitor is not None else None,
+        )
         write_record(trial, record)
         if spec.max_accuracy_drop is not None:  # feasible when <= 0
             assert record.accuracy_drop is not None  # run with the float accuracy

@@ -4,10 +4,14 @@ Any number of workers (processes, on one machine or many) may run :func:`run_sea
 same study in a shared storage (PostgreSQL, or SQLite on one machine):
 
 * **Budget.** A trial counts the *slots* taken before it: trials with a lower number (a retry
-  has the number of the trial it retries) that are complete, running, queued, or waiting for
-  their retry. When those fill the budget, the trial is pruned before any work; so the number
-  of complete trials equals the budget exactly, however many workers there are
-  (:mod:`autoquant.search._budget`).
+  has the number of the trial it retries) that are judged (complete, or stopped by the
+  pruning rule), running, queued, or waiting for their retry. When those fill the budget, the
+  trial is pruned before any work; so the number of judged trials equals the budget exactly,
+  however many workers there are (:mod:`autoquant.search._budget`). A ``timeout`` stops
+  starting trials after that wall time (the trial in flight finishes).
+* **Strategy.** After the baselines, the sensitivity pre-pass (once per study,
+  :mod:`autoquant.search._prepass`), then solver-proposed plans, refreshed as trials complete
+  (:mod:`autoquant.search._proposals`); trials may stop early (:mod:`autoquant.search._pruning`).
 * **Liveness.** A worker records its trial's heartbeat every ``AUTOQUANT_HEARTBEAT_S``
   seconds. A running trial without a heartbeat for ``AUTOQUANT_GRACE_S`` seconds is failed
   with the ``fail_reason`` "worker lost: ..." and queued again (up to ``MAX_RETRY`` times) by
@@ -41,8 +45,9 @@ from autoquant.measure import LatencyCache
 
 from . import _optuna_compat as compat
 from ._baselines import enqueue_baselines, ensure_float_baseline
-from ._budget import taken_slots
+from ._budget import Deadline, full, judged, taken_slots
 from ._context import SearchContext, build_context
+from ._driver import StrategyDriver
 from ._liveness import claim_timeout_s, fail_lost_trials, grace_s, heartbeat_s
 from ._locks import Beater, ClaimingAttrStore, Claims
 from ._progress import Progress
@@ -67,23 +72,41 @@ def run_search(
     progress: bool = True,
     ctx: SearchContext | None = None,
     run: str | None = None,
+    timeout: float | None = None,
 ) -> optuna.Study:
-    """Run, resume or join a study until exactly ``trials`` trials are complete.
+    """Run, resume or join a study until exactly ``trials`` trials are judged, or ``timeout``.
 
     Any number of processes may call this on the same study and storage (see the module
     docstring). A trial that fails (NaN loss, an exception in task code, out of memory) is
     recorded as FAIL with its ``fail_reason`` and the search goes on; Ctrl-C fails the trial
     in flight as "interrupted" and raises KeyboardInterrupt. Rerunning resumes.
 
-    ``run`` names this run (default: a new id, see :mod:`autoquant.search._runs`); the search
-    stops after ``max(5, trials)`` failures of this run, and :func:`run_outcome` tells whether
-    it did. A study file whose search space differs from the stored study's stops before any
-    trial with :class:`SpaceChangedError`.
+    Args:
+        spec: the study.
+        trials: plans to judge (default the study file's; None there: no count limit).
+        storage: storage URL (default the study file's, else SQLite under ``runs_dir()``).
+        progress: show a progress bar.
+        ctx: a prepared search context (tests, benchmarks); its ``spec`` is the one the
+            trials and the strategy follow.
+        run: names this run (default: a new id, see :mod:`autoquant.search._runs`); the
+            search stops after ``max(5, trials)`` failures of this run, and
+            :func:`run_outcome` tells whether it did.
+        timeout: seconds of wall time after which no trial starts (default the study
+            file's ``[study] timeout``); the trial in flight finishes.
+
+    A study file whose search space differs from the stored study's stops before any trial
+    with :class:`SpaceChangedError`.
 
     Example:
         >>> study = run_search(load_study_spec("studies/digits.toml"), trials=4)  # doctest: +SKIP
     """
+    deadline = Deadline(timeout if timeout is not None else spec.timeout)
     budget = trials or spec.trials
+    if budget is None and deadline.seconds is None:
+        raise ValueError(
+            f"study {spec.name!r} has neither a trial count nor a timeout: set [study] trials "
+            "or timeout (or pass trials= / timeout=)"
+        )
     run = run or new_run_id()
     study = load_study(spec, storage)
     beater = Beater(heartbeat_s())
@@ -95,7 +118,6 @@ def run_search(
         timeout_s=claim_timeout_s(),
     )
     worker = f"{socket.gethostname()}:{os.getpid()}"
-    max_failures = failure_limit(budget)
     bar: Progress | None = None
     try:
         with sigterm_as_interrupt():
@@ -103,10 +125,13 @@ def run_search(
             check_space_unchanged(study, ctx)  # before any trial: Optuna cannot mix spaces
             baseline = ensure_float_baseline(study, ctx, claims)
             enqueue_baselines(study, ctx, claims)  # again: earlier ones may be interrupted
-            objective = make_objective(study, ctx, budget, worker, baseline=baseline, run=run)
+            driver = StrategyDriver(study, ctx, claims, budget, baseline)  # the pre-pass
+            objective = make_objective(
+                study, ctx, budget, worker, baseline=baseline, run=run, pruner=driver.pruner
+            )
             if progress:
                 bar = Progress(study, spec, budget)
-            _work(study, objective, beater, claims, budget, max_failures, bar, spec, run)
+            _work(study, objective, beater, claims, budget, bar, spec, run, deadline, driver)
     finally:
         claims.release_all()
         beater.close()
@@ -120,22 +145,25 @@ def _work(
     objective: Objective,
     beater: Beater,
     claims: Claims,
-    budget: int,
-    max_failures: int,
+    budget: int | None,
     bar: Progress | None,
     spec: StudySpec,
     run: str,
+    deadline: Deadline,
+    driver: StrategyDriver,
 ) -> None:
     """The worker loop: run trials while budget slots are free; else wait for other workers."""
     heartbeats = compat.beats_enabled(study)
     poll_s = min(heartbeat_s(), 2.0)
     waiting_since: float | None = None
     while True:
+        if deadline.reached(study):
+            return
         fail_lost_trials(study)
         trials = study.get_trials(deepcopy=False)
-        done = sum(t.state == TrialState.COMPLETE for t in trials)
+        done = sum(judged(t) for t in trials)
         running = any(t.state == TrialState.RUNNING for t in trials)
-        if done >= budget:
+        if full(done, budget):
             # Stay a moment for trials still running: a worker killed while its trial was
             # about to be pruned leaves it RUNNING; fail it rather than leave it forever.
             if not (running and heartbeats):
@@ -145,6 +173,7 @@ def _work(
                 return
             time.sleep(poll_s)
             continue
+        max_failures = failure_limit(budget, done)
         if run_failures(trials, run) >= max_failures:  # earlier runs' failures do not count
             log.error(
                 "stopping: %d trials of this run failed; see `autoquant front %s --failed`",
@@ -153,8 +182,9 @@ def _work(
             )
             return
         queued = any(t.state == TrialState.WAITING for t in trials)
-        if queued or taken_slots(trials) < budget:
+        if queued or not full(taken_slots(trials), budget):
             waiting_since = None
+            driver.before_trial()  # a proposal round, when one is due
             frozen = _run_trial(study, objective, beater, claims)
             if bar:
                 bar(study, frozen)

@@ -75,7 +75,7 @@ def test_a_search_stopped_by_failures_exits_1_and_a_rerun_after_the_fix_continue
     # A plain message, not an empty table, and one line that says where to look.
     assert "Empty DataFrame" not in out and "(no rows)" not in out
     assert "no trial is on the Pareto front: study 'tiny' has no complete trial (5 failed" in out
-    assert "stopped short: 0 of 2 trials complete, and 5 trials of this run failed" in err
+    assert "stopped short: 0 of 2 trials judged, and 5 trials of this run failed" in err
     assert f"`autoquant front {f} --failed`" in err
     first = _study(f).get_trials()
     assert [t.state for t in first] == [TrialState.FAIL] * 5  # max(5, trials)

@@ -24,6 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autoquant.search import (
     TrialRecord,
+    judged,
     load_study_spec,
     make_sampler,
     open_storage,
@@ -257,7 +258,7 @@ def _wait_all(procs: list[subprocess.Popen[bytes]], logs: list[Path], timeout: f
 
 
 def _check_outcomes(trials: list[FrozenTrial], budget: int) -> None:
-    assert sum(t.state == TrialState.COMPLETE for t in trials) == budget
+    assert sum(judged(t) for t in trials) == budget  # complete, or stopped by the pruning rule
     for t in trials:
         assert t.state in (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED), t
         if t.state != TrialState.COMPLETE:

@@ -233,6 +233,8 @@ SPEC = {
     "space": {"w_bits": [2, 4, 8], "a_bits": [4, 8], "a_calib": ["minmax", "mse"]},
     "qat": {"steps": 5, "calib_batches": 1},
     "latency": {"warmup": 2, "repeats": 5, "budget_s": 0.1},
+    # No pre-pass: it calls the task's loss too, and this test counts the QAT's calls.
+    "strategy": {"sensitivity": "off"},
 }
 
 
@@ -292,6 +294,7 @@ def test_ctrl_c_fails_the_trial_in_flight_and_a_rerun_resumes(tmp_path: Path) ->
         GOOD.format(task="digits-cnn", space="a_bits = [4, 8]")
         .replace("trials = 2", "trials = 4")
         .replace("steps = 5", "steps = 150")  # ~1 s trials: time to interrupt one
+        + "[strategy]\nprune = false\n"  # every trial completes: 4 complete after the rerun
     )
     env = {**os.environ, "AUTOQUANT_RUNS": str(tmp_path), "OMP_NUM_THREADS": "1"}
     url = f"sqlite:///{tmp_path / 'faults' / 'study.db'}"

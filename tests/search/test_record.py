@@ -67,6 +67,9 @@ FULL = TrialRecord(
     deployed={"backend": "onnxruntime", "accuracy": 0.9, "ok": True},
     fail_reason="ValueError: x",
     traceback="Traceback (most recent call last): ...",
+    proposal={"source": "min-size", "round": 1, "predicted_drop": 0.004},
+    fidelity_scores={"0.0": 0.85, "0.5": 0.9},
+    pruned={"fidelity": 0.5, "reason": "infeasible"},
     extra={"my_note": {"by": "a user"}},
 )
 
@@ -239,13 +242,14 @@ def test_a_malformed_record_version_is_a_clear_error(version: object) -> None:
         read_record(_frozen({VERSION_KEY: version}))
 
 
-def test_the_retry_keeps_only_the_baseline_mark_and_names_the_lost_trial() -> None:
-    assert retry_record(FULL, 4) == TrialRecord(baseline="w4a8", retry_of=4)
+def test_the_retry_keeps_the_baseline_and_proposal_marks_and_names_the_lost_trial() -> None:
+    expected = TrialRecord(baseline="w4a8", proposal=FULL.proposal, retry_of=4)
+    assert retry_record(FULL, 4) == expected  # the proposal is a mark too
 
 
 def test_a_twin_copies_the_outcome_but_not_the_twins_own_marks() -> None:
     twin = twin_record(FULL, 2)
-    assert (twin.worker, twin.baseline, twin.retry_of) == (None, None, None)
+    assert (twin.worker, twin.baseline, twin.retry_of, twin.proposal) == (None,) * 4
     assert (twin.run, twin.forked_from, twin.deployed) == (None, None, None)
     assert twin.duplicate_of == 2 and twin.timing_s == {"total": 0.0}
     for name in ("plan", "accuracy", "size_bytes", "latency", "qat", "extra"):

@@ -35,6 +35,8 @@ SPEC = {
     "qat": {"steps": 15, "lr": 0.001, "calib_batches": 2},
     "latency": {"warmup": 3, "repeats": 10, "budget_s": 0.3},
     "constraint": {"max_accuracy_drop": 0.05},
+    # Every trial must complete here (replay, resume); pruning: tests/search/test_pruning.py.
+    "strategy": {"prune": False},
 }
 
 
@@ -93,7 +95,8 @@ def test_digits_search_front_baselines_replay_and_resume(spec) -> None:
 
 
 def test_nan_loss_fails_one_trial_and_the_study_completes(spec) -> None:
-    spec = replace(spec, name="nan", trials=3)
+    # No pre-pass: it calls the task's loss too, and this test counts the QAT's calls.
+    spec = replace(spec, name="nan", trials=3, strategy=replace(spec.strategy, sensitivity="off"))
     ctx = SearchContext(spec)
     real_loss = ctx.task.loss_fn
     calls = {"n": 0}
