@@ -279,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from autoquant.search import StorageError
+    from autoquant.search import InfrastructureError, StorageError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -293,6 +293,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("autoquant: interrupted; completed trials are kept, rerun to resume", file=sys.stderr)
         return 130
+    except InfrastructureError as e:  # the storage failed: exit code 3, one line
+        print(f"autoquant: error: {e}; completed trials are kept, rerun to resume", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -37,6 +37,7 @@ from autoquant.search._record import (
     write_study_record,
 )
 from autoquant.search._samplers import SAMPLERS, make_sampler
+from autoquant.search._signals import InfrastructureError
 from autoquant.search._spec import (
     LatencySettings,
     QATSettings,
@@ -61,6 +62,7 @@ __all__ = [
     "RECORD_VERSION",
     "SAMPLERS",
     "FloatBaseline",
+    "InfrastructureError",
     "LatencySettings",
     "Objective",
     "OptunaAttrStore",
