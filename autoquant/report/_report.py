@@ -24,7 +24,7 @@ from autoquant.report._tables import (
     sensitivity_frame,
     trials_frame,
 )
-from autoquant.search import read_record, read_study_record
+from autoquant.search import mask_password, read_record, read_study_record
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -163,7 +163,8 @@ def _failed_frame(study: optuna.Study) -> pd.DataFrame:
 def _dashboard_command(study: optuna.Study) -> str:
     storage = (read_study_record(study).spec or {}).get("storage")
     url = storage or f"sqlite:///autoquant-runs/{study.study_name}/study.db"
-    return f"optuna-dashboard {url}"
+    # Masked again: studies written before every form was masked may hold a password.
+    return f"optuna-dashboard {mask_password(url)}"
 
 
 def _reco_text(rec: dict[str, Any]) -> str:
