@@ -273,18 +273,7 @@ class StorageGuard:
         now = self.clock()
         with self._lock:
             if self.down_at is None and (self.back_at is None or started >= self.back_at):
-                self.down_at = started  # a call that hung: the outage began when it started
-                self.outages += 1
-                if self.outage_s > 0 and not self.gave_up and not stopping():
-                    since = datetime.now() - timedelta(seconds=now - started)
-                    log.warning(
-                        "database unreachable since %s, retrying for up to %.0f s "
-                        "(AUTOQUANT_DB_OUTAGE_S): %s: %s",
-                        since.strftime("%H:%M:%S"),
-                        self.outage_s,
-                        self.where,
-                        describe(cause, self.url),
-                    )
+                self._begin(started, describe(cause, self.url))
             down_for = now - (self.down_at if self.down_at is not None else now)
             if self.gave_up or stopping() or down_for >= self.outage_s:
                 self.gave_up = True
@@ -293,6 +282,28 @@ class StorageGuard:
                     f"{self.outage_s:g}): {self.where}: {describe(cause, self.url)}"
                 ) from None
             return max(self.outage_s - down_for, 0.05)
+
+    def hung(self, seconds: float) -> None:
+        """A call has had no answer for ``seconds`` (the :class:`HungCallBreaker` is breaking
+        it): the outage began when that call started."""
+        with self._lock:
+            if self.down_at is None:
+                self._begin(self.clock() - seconds, f"no answer for {seconds:.0f} s")
+
+    def _begin(self, started: float, cause: str) -> None:
+        """Start an outage (the caller holds the lock): the status line."""
+        self.down_at = started  # a call that hung: the outage began when it started
+        self.outages += 1
+        if self.outage_s > 0 and not self.gave_up and not stopping():
+            since = datetime.now() - timedelta(seconds=self.clock() - started)
+            log.warning(
+                "database unreachable since %s, retrying for up to %.0f s "
+                "(AUTOQUANT_DB_OUTAGE_S): %s: %s",
+                since.strftime("%H:%M:%S"),
+                self.outage_s,
+                self.where,
+                cause,
+            )
 
     def _up(self) -> None:
         with self._lock:
@@ -321,9 +332,16 @@ class HungCallBreaker:
         b''
     """
 
-    def __init__(self, limit_s: float, *, poll_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        limit_s: float,
+        *,
+        poll_s: float = 1.0,
+        on_hung: Callable[[float], None] | None = None,
+    ) -> None:
         self.limit_s = limit_s
         self.poll_s = poll_s
+        self.on_hung = on_hung  # told how long the calls it breaks have hung
         self._connections: weakref.WeakSet[Any] = weakref.WeakSet()
         self._calls: dict[int, float] = {}  # call id -> start (monotonic)
         self._lock = threading.Lock()
@@ -365,13 +383,15 @@ class HungCallBreaker:
             time.sleep(self.poll_s)
             now = time.monotonic()
             with self._lock:
-                hung = [k for k, t in self._calls.items() if now - t >= self.limit_s]
-                for k in hung:
+                hung = [(k, now - t) for k, t in self._calls.items() if now - t >= self.limit_s]
+                for k, _ in hung:
                     self._calls.pop(k)  # broken once
                 connections = list(self._connections) if hung else []
             if hung:
                 log.debug("storage call hung for %.0f s: closing its connections", self.limit_s)
                 self.broken += len(hung)
+                if self.on_hung is not None:
+                    self.on_hung(max(seconds for _, seconds in hung))
                 for connection in connections:
                     _shut_down(connection)
 

@@ -170,13 +170,15 @@ def rdb_engine(storage: RDBStorage) -> Any:
     return storage.engine
 
 
-# The calls that need no database: answered by the proxy itself, or passed through unguarded.
-_HEARTBEAT_SETTINGS = (
+# Methods the proxy defines itself (no database needed, or a guarded call with a twist); every
+# other public method of BaseStorage, and the heartbeat calls, are routed through the guard.
+_OWN = (
     "get_heartbeat_interval",
     "get_heartbeat_stale_trial_callback",
     "get_failed_trial_callback",
+    "check_trial_is_updatable",
+    "set_trial_state_values",
 )
-_UNGUARDED = ("check_trial_is_updatable",)
 _GUARDED = tuple(
     sorted(
         {
@@ -184,7 +186,7 @@ _GUARDED = tuple(
             for name in dir(BaseStorage)
             if not name.startswith("_")
             and callable(getattr(BaseStorage, name))
-            and name not in _UNGUARDED
+            and name not in _OWN
         }
         | {"record_heartbeat", "_get_stale_trial_ids"}
     )
@@ -232,6 +234,23 @@ class GuardedStorage(BaseStorage, BaseHeartbeat):
     def check_trial_is_updatable(self, trial_id: int, trial_state: TrialState) -> None:
         self.inner.check_trial_is_updatable(trial_id, trial_state)
 
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values: Any = None) -> bool:
+        """Retried by the guard like any call, but a retry that finds the trial already in
+        ``state`` succeeded: the first try committed and only its answer was lost."""
+        tries = 0
+
+        def call() -> bool:
+            nonlocal tries
+            tries += 1
+            try:
+                return self.inner.set_trial_state_values(trial_id, state=state, values=values)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                if tries > 1 and self.inner.get_trial(trial_id).state == state:
+                    return True
+                raise
+
+        return self.guard("set_trial_state_values", call)
+
 
 def _routed(name: str) -> Callable[..., Any]:
     def method(self: GuardedStorage, *args: Any, **kwargs: Any) -> Any:
@@ -243,8 +262,7 @@ def _routed(name: str) -> Callable[..., Any]:
 
 
 for _name in _GUARDED:
-    if _name not in _HEARTBEAT_SETTINGS:
-        setattr(GuardedStorage, _name, _routed(_name))
+    setattr(GuardedStorage, _name, _routed(_name))
 abc.update_abstractmethods(GuardedStorage)
 
 

@@ -213,7 +213,7 @@ def open_storage(url: str, guard: StorageGuard | None = None) -> optuna.storages
             elif url.startswith("postgres"):
                 # A call outlasting the statement timeout by HUNG_CALL_S is hung (frozen server).
                 limit = statement_timeout_s(driver_url) + HUNG_CALL_S
-                guard.breaker = guard.breaker or HungCallBreaker(limit)
+                guard.breaker = guard.breaker or HungCallBreaker(limit, on_hung=guard.hung)
                 guard.breaker.attach(compat.rdb_engine(storage))
             return compat.GuardedStorage(compat.cached(storage), guard)
         except Exception as e:  # sqlalchemy errors carry the URL: never echo it unmasked
@@ -263,13 +263,18 @@ def load_study(spec: StudySpec, storage: str | None = None) -> optuna.Study:
         >>> study = load_study(load_study_spec("studies/digits.toml"))  # doctest: +SKIP
     """
     url = storage_url(spec, storage)
-    study = optuna.create_study(
-        study_name=spec.name,
-        storage=open_storage(url),
-        directions=spec.directions,
-        sampler=make_sampler(spec, spec.seed),
-        load_if_exists=True,
-    )
+    opened = open_storage(url)
+    sampler = make_sampler(spec, spec.seed)
+    try:  # an existing study loads without a write: `front` works on a read-only file
+        study = optuna.load_study(study_name=spec.name, storage=opened, sampler=sampler)
+    except KeyError:
+        study = optuna.create_study(
+            study_name=spec.name,
+            storage=opened,
+            directions=spec.directions,
+            sampler=sampler,
+            load_if_exists=True,
+        )
     if list(study.directions) != [optuna.study.StudyDirection[d.upper()] for d in spec.directions]:
         raise StorageError(
             f"study {spec.name!r} in {mask_password(url)} has other objectives "
