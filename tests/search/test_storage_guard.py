@@ -286,6 +286,7 @@ def test_a_call_hung_on_a_silent_connection_is_broken_and_retried(
 ) -> None:
     caplog.set_level(logging.INFO, logger="autoquant")
     client, server = socket.socketpair()
+    client.settimeout(10)  # without the breaker: a timeout, and this test fails
     guard = StorageGuard(URL, 30, backoff_s=(0.01, 0.02))
     guard.breaker = HungCallBreaker(limit_s=0.3, poll_s=0.05, on_hung=guard.hung)
     guard.breaker.track(client)

@@ -145,3 +145,46 @@ def test_search_worker_front_and_report_never_show_a_query_password(
         assert form not in printed
         assert form not in stored
         assert not [p for p in files if form.encode() in p.read_bytes()]
+
+
+@pytest.mark.slow
+def test_a_report_of_an_old_study_with_an_unmasked_password_masks_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Studies written before every form was masked may hold ``?password=`` in their settings:
+    the report masks it again."""
+    from autoquant.report import write_report
+    from autoquant.search import (
+        SearchContext,
+        StudyRecord,
+        read_study_record,
+        run_search,
+        study_spec_from_dict,
+        write_study_record,
+    )
+
+    class FastContext(SearchContext):
+        def _latencies(self, model: object, plan: object) -> list[dict[str, object]]:
+            return [{"median_ms": 1.0, "iqr_ms": 0.0, "batch_size": 1, "key": "k"}]
+
+    monkeypatch.setenv("AUTOQUANT_RUNS", str(tmp_path))
+    spec = study_spec_from_dict(
+        {
+            "study": {"name": "old", "trials": 2},
+            "task": {"name": "digits-cnn"},
+            "space": {"w_bits": [4, 8], "a_bits": [8]},
+            "qat": {"steps": 2, "calib_batches": 1},
+        },
+        "old.toml",
+    )
+    study = run_search(spec, ctx=FastContext(spec), progress=False)
+    old_url = f"postgresql://u@db/x?password={quote(SECRET, safe='')}"
+    stored = {**(read_study_record(study).spec or {}), "storage": old_url}
+    write_study_record(study, StudyRecord(spec=stored))  # as an old version stored it
+    paths = write_report(study, tmp_path / "report")
+    files = [p for p in (tmp_path / "report").rglob("*") if p.is_file()]
+    assert files and "optuna-dashboard postgresql://u@db/x?password=***" in Path(
+        paths["html"]
+    ).read_text(encoding="utf-8")
+    for form in (SECRET, quote(SECRET, safe="")):
+        assert not [p for p in files if form.encode() in p.read_bytes()]
