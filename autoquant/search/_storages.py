@@ -44,7 +44,12 @@ from ._spec import StudySpec, mask_password
 # PostgreSQL connection settings (a URL's own query parameters win).
 PG_CONNECT_TIMEOUT_S = 10
 PG_STATEMENT_TIMEOUT_MS = 30_000
-PG_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5}
+PG_KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+}
 PG_TCP_USER_TIMEOUT_MS = 30_000
 SQLITE_BUSY_TIMEOUT_S = 20.0  # how long SQLite waits for another worker's write lock
 
