@@ -214,14 +214,18 @@ def _lost(study: optuna.Study, *, dead_only: bool) -> dict[int, tuple[FrozenTria
         if process_gone(process):
             assert process is not None
             lost[t.number] = (t, _gone_reason(process))
-    if dead_only or settling(compat.storage_of(study)):
+    if dead_only:
+        return lost
+    stale = compat.stale_trials(study)
+    # Checked after the query: one that waited out an outage sees everyone stale.
+    if settling(compat.storage_of(study)):
         return lost
     grace = grace_s()
     reason = (
         f"{WORKER_LOST}: no heartbeat for {grace:g} s (worker killed, crashed or "
         f"disconnected); queued again up to {MAX_RETRY} times"
     )
-    for t in compat.stale_trials(study):
+    for t in stale:
         lost.setdefault(t.number, (t, reason))
     now = datetime.now()
     for t in running:

@@ -9,6 +9,7 @@ import logging
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +187,33 @@ def test_no_trial_is_failed_for_missing_beats_until_the_database_has_been_back_a
     assert fail_lost_trials(study) == []
     clock.now += 0.2
     assert fail_lost_trials(study) == [trial.number]
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
+def test_a_stale_query_that_waited_out_an_outage_fails_nobody(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The query for stale trials itself waits for the database: when it returns, every
+    heartbeat is old, live workers' included. Found in a run: the check must come after it."""
+    monkeypatch.setenv("AUTOQUANT_HEARTBEAT_S", "0.2")
+    monkeypatch.setenv("AUTOQUANT_GRACE_S", "1")
+    guard = StorageGuard("sqlite:///x", 120, sleep=lambda s: None)
+    storage = open_storage(f"sqlite:///{tmp_path / 's.db'}", guard=guard)
+    study = optuna.create_study(study_name="s", storage=storage)
+    trial = _running(study, {**this_process(), "host": "another-host"})
+    time.sleep(2.2)  # stale, as after an outage of 2 s
+    down = {"n": 1}
+
+    def down_once(name: str, call: Callable[[], Any]) -> Any:
+        if name == "_get_stale_trial_ids" and down["n"]:  # the query meets the outage ...
+            down["n"] -= 1
+            raise ConnectionRefusedError(111, "connection refused")
+        return call()  # ... and the database is back for its retry
+
+    monkeypatch.setattr(storage, "inner", compat.GuardedStorage(storage.inner, down_once))
+    assert fail_lost_trials(study) == []
+    assert guard.outages == 1 and down["n"] == 0
+    assert study.get_trials()[trial.number].state == TrialState.RUNNING
 
 
 def test_no_claim_is_taken_over_for_missing_beats_while_the_database_settles(
