@@ -16,8 +16,9 @@ The retry keeps the plan and the ``baseline`` mark and records ``retry_of``.
 **Outages.** While the database is down no worker can beat. A worker that saw the database
 unreachable does not declare anyone lost by heartbeat (trials or claims) until the database
 has been back for ``max(AUTOQUANT_GRACE_S, 10 s + 2 heartbeats)``: by then every live
-worker, retrying at most every 10 s, has beaten again (:func:`settling`). A process that is
-known to be gone is failed at once, outage or not.
+worker, retrying at most every 10 s, has beaten again (:func:`settling`; asked after the
+stale-trial query, which may itself have waited out the outage). A process that is known to
+be gone is failed at once, outage or not.
 """
 
 from __future__ import annotations
