@@ -28,7 +28,7 @@ from autoquant.types import PlanError
 EXIT_OK = 0
 EXIT_FAILURES = 1  # search/worker stopped short on failures; best: no trial qualifies
 EXIT_BAD_INPUT = 2
-EXIT_INFRASTRUCTURE = 3  # reserved: storage/database outages, failing disks
+EXIT_INFRASTRUCTURE = 3  # the storage failed (outage, full or read-only disk)
 EXIT_DEPLOY_CHECK = 4  # export written, but the deployed model failed its check
 EXIT_INTERRUPTED = 130
 
@@ -568,7 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from autoquant.search import StorageError, StudyNotFoundError
+    from autoquant.search import InfrastructureError, StorageError, StudyNotFoundError
 
     try:
         args = build_parser().parse_args(argv)
@@ -585,6 +585,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("autoquant: interrupted; completed trials are kept, rerun to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except InfrastructureError as e:  # the storage failed: one line, exit code 3
+        print(f"autoquant: error: {e}; completed trials are kept, rerun to resume", file=sys.stderr)
+        return EXIT_INFRASTRUCTURE
 
 
 if __name__ == "__main__":  # pragma: no cover

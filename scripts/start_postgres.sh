@@ -5,6 +5,12 @@
 #   ...
 #   scripts/start_postgres.sh --stop "$AUTOQUANT_PG_DIR"
 #
+# Faults, for the outage tests (the data is kept):
+#   scripts/start_postgres.sh --down "$AUTOQUANT_PG_DIR"     # stop the server (a restart's first half)
+#   scripts/start_postgres.sh --up "$AUTOQUANT_PG_DIR"       # start it again, same port and data
+#   scripts/start_postgres.sh --freeze "$AUTOQUANT_PG_DIR"   # SIGSTOP the server and its backends
+#   scripts/start_postgres.sh --thaw "$AUTOQUANT_PG_DIR"     # SIGCONT them
+#
 # Installs Debian's `postgresql` package when no server binaries are found (needs root and
 # apt-get), initialises a cluster in a new temporary folder (as the `postgres` user when run
 # as root: initdb refuses root), listens on 127.0.0.1 only, on a free port, and creates a
@@ -32,15 +38,35 @@ pg_bindir() {
   fi
 }
 
-if [ "${1:-}" = "--stop" ]; then
-  dir="${2:?usage: start_postgres.sh --stop DIR}"
-  bindir="$(pg_bindir)"
-  if [ -f "$dir/data/postmaster.pid" ]; then
-    as_owner "$bindir/pg_ctl" -D "$dir/data" -m fast -w stop >&2 || true
-  fi
-  rm -rf "$dir"
-  exit 0
-fi
+server_pids() {  # the postmaster of this cluster and its children (not other clusters)
+  local pm
+  pm="$(head -n 1 "$1/data/postmaster.pid")"
+  echo "$pm" $(pgrep -P "$pm" || true)
+}
+
+case "${1:-}" in
+  --stop | --down | --up | --freeze | --thaw)
+    dir="${2:?usage: start_postgres.sh $1 DIR}"
+    bindir="$(pg_bindir)"
+    case "$1" in
+      --stop)
+        if [ -f "$dir/data/postmaster.pid" ]; then
+          kill -CONT $(server_pids "$dir") 2>/dev/null || true  # a frozen server cannot stop
+          as_owner "$bindir/pg_ctl" -D "$dir/data" -m fast -w stop >&2 || true
+        fi
+        rm -rf "$dir"
+        ;;
+      --down) as_owner "$bindir/pg_ctl" -D "$dir/data" -m fast -w stop >&2 ;;
+      --up)
+        as_owner "$bindir/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
+          -o "$(cat "$dir/server.opts")" start >&2
+        ;;
+      --freeze) kill -STOP $(server_pids "$dir") ;;
+      --thaw) kill -CONT $(server_pids "$dir") ;;
+    esac
+    exit 0
+    ;;
+esac
 
 bindir="$(pg_bindir)"
 if [ -z "$bindir" ]; then
@@ -70,10 +96,12 @@ user=autoquant
 as_owner "$bindir/initdb" -D "$dir/data" -U postgres --auth-local=trust \
   --auth-host=scram-sha-256 -E UTF8 >"$dir/initdb.log" 2>&1 \
   || { cat "$dir/initdb.log" >&2; exit 1; }
-# A test server: no fsync (a crash loses nothing that matters), sockets only in $dir.
+# A test server: no fsync (a crash loses nothing that matters), sockets only in $dir. The
+# options are kept for --up.
+echo "-c listen_addresses=127.0.0.1 -p $port -k $dir -c fsync=off -c synchronous_commit=off -c full_page_writes=off" \
+  >"$dir/server.opts"
 as_owner "$bindir/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
-  -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c fsync=off -c synchronous_commit=off -c full_page_writes=off" \
-  start >&2 || { cat "$dir/server.log" >&2; exit 1; }
+  -o "$(cat "$dir/server.opts")" start >&2 || { cat "$dir/server.log" >&2; exit 1; }
 
 as_owner "$bindir/psql" -h "$dir" -p "$port" -U postgres -q -v ON_ERROR_STOP=1 -d postgres >&2 <<SQL
 CREATE ROLE $user LOGIN PASSWORD '$password';

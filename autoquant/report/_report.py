@@ -238,6 +238,7 @@ def _failed_frame(study: optuna.Study) -> pd.DataFrame:
 def _dashboard_command(study: optuna.Study, storage: str | None = None) -> str:
     url = storage or (read_study_record(study).spec or {}).get("storage")
     url = url or f"sqlite:///autoquant-runs/{study.study_name}/study.db"
+    # Masked again: studies written before every form was masked may hold a password.
     return f"optuna-dashboard {mask_password(url)}"
 
 

@@ -64,6 +64,7 @@ from autoquant.search._resume import (
 )
 from autoquant.search._runs import RunOutcome, new_run_id, run_outcome
 from autoquant.search._samplers import SAMPLERS, make_sampler
+from autoquant.search._signals import InfrastructureError
 from autoquant.search._spec import (
     MAX_SEED,
     LatencySettings,
@@ -110,6 +111,7 @@ __all__ = [
     "DeploymentCheck",
     "FloatBaseline",
     "ForkResult",
+    "InfrastructureError",
     "LatencySettings",
     "Objective",
     "OptunaAttrStore",

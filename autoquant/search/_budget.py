@@ -58,8 +58,9 @@ def judged(trial: FrozenTrial) -> bool:
 def _holds_slot(trial: FrozenTrial, now: datetime) -> bool:
     if trial.state in (TrialState.RUNNING, TrialState.WAITING) or judged(trial):
         return True
-    if trial.state == TrialState.FAIL and read_record(trial).worker_lost:
-        # Lost and queued again (or about to be, by the worker that failed it).
+    record = read_record(trial) if trial.state == TrialState.FAIL else None
+    if record is not None and (record.worker_lost or record.infrastructure):
+        # Lost, or stopped by the storage, and queued again (or about to be).
         will_retry = retries_used(trial) < MAX_RETRY
         ended = trial.datetime_complete
         return will_retry and (ended is None or (now - ended).total_seconds() < RETRY_WINDOW_S)
@@ -87,11 +88,22 @@ def taken_slots(trials: Sequence[FrozenTrial], before: int | None = None) -> int
 
 def counted_failure(trial: FrozenTrial) -> bool:
     """A failure that counts towards the stop after max(5, trials) failures: not a lost
-    worker's trial (it is retried) and not an interrupted one (a rerun resumes)."""
+    worker's trial (it is retried), not an interrupted one (a rerun resumes) and not one the
+    storage failed under ("infrastructure: ...", retried).
+
+    Example:
+        >>> import optuna
+        >>> from autoquant.search import TrialRecord, record_attrs
+        >>> def failed(reason):
+        ...     attrs = record_attrs(TrialRecord(fail_reason=reason))
+        ...     return optuna.trial.create_trial(state=TrialState.FAIL, user_attrs=attrs)
+        >>> counted_failure(failed("ValueError: x")), counted_failure(failed("infrastructure: x"))
+        (True, False)
+    """
     if trial.state != TrialState.FAIL:
         return False
     record = read_record(trial)
-    return not (record.worker_lost or record.interrupted)
+    return not (record.worker_lost or record.interrupted or record.infrastructure)
 
 
 def full(taken: int, budget: int | None) -> bool:

@@ -7,7 +7,11 @@ The holder computes the claimed value (a latency measurement, the float baseline
 in the study's user attributes and deletes the marker. The others poll for the value. A holder
 refreshes a ``beat`` attribute of its marker every heartbeat; a claim whose beat has not
 changed for the grace period (timed on the waiter's own clock, so machines' clocks may differ)
-belongs to a dead worker and is taken over.
+belongs to a dead worker and is taken over. The marker also records the holder's process
+(:func:`~autoquant.search._liveness.this_process`): a holder on the same machine whose process
+is gone is taken over at once, and no waiter says it waits for a worker known to be dead.
+While the database is down or has just come back, no claim is taken over for a missing beat
+(see :func:`~autoquant.search._liveness.settling`).
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ import optuna
 from optuna.exceptions import DuplicatedStudyError
 from optuna.study import StudyDirection
 
+from ._liveness import process_gone, settling, this_process
 from ._optuna_compat import find_study, study_user_attrs
 from ._optuna_compat import storage_of as storage_of  # for the examples below
+from ._signals import InfrastructureError
 
 log = logging.getLogger("autoquant")
 
@@ -79,7 +85,7 @@ class Beater:
             for name, beat in jobs:
                 try:
                     beat()
-                except Exception as e:  # a lost beat is retried at the next interval
+                except (Exception, InfrastructureError) as e:  # retried at the next interval
                     log.debug("heartbeat %s failed: %s", name, e)
 
 
@@ -139,6 +145,7 @@ class Claims:
             first = len(self._held) == 1
         try:
             self.storage.set_study_user_attr(sid, "owner", self.owner)
+            self.storage.set_study_user_attr(sid, "process", this_process())
         except KeyError:  # taken over already: treat it as lost
             with self._lock:
                 self._held.pop(key, None)
@@ -149,7 +156,12 @@ class Claims:
         return True
 
     def release(self, key: str) -> None:
-        """Delete the marker of a held claim (no-op when not held)."""
+        """Delete the marker of a held claim (no-op when not held).
+
+        With the storage gone for good the marker stays: another worker takes it over after
+        the grace period, a rerun on this machine at once. Said in a log line, not raised, so
+        that cleanup after Ctrl-C or an earlier storage failure ends as that failure.
+        """
         with self._lock:
             sid = self._held.pop(key, None)
             empty = not self._held
@@ -158,8 +170,29 @@ class Claims:
                 self.storage.delete_study(sid)
             except KeyError:  # already taken over and deleted
                 pass
+            except InfrastructureError as e:
+                log.warning("claim %s not released (%s); it is taken over later", key, e)
         if empty:
             self.beater.remove(f"claims:{id(self)}")
+
+    def release_dead(self) -> list[str]:
+        """Delete the claims of this study held by gone processes of this machine.
+
+        Returns:
+            The keys released.
+        """
+        prefix = self.marker_name("")
+        released = []
+        for study in self.storage.get_all_studies():
+            name = study.study_name
+            if not name.startswith(prefix) or not process_gone(study.user_attrs.get("process")):
+                continue
+            try:
+                self.storage.delete_study(find_study(self.storage, name))
+            except KeyError:  # released or taken over meanwhile
+                continue
+            released.append(name.removeprefix(prefix))
+        return released
 
     def release_all(self) -> None:
         for key in list(self._held):
@@ -178,12 +211,21 @@ class Claims:
             except KeyError:
                 pass
 
-    def _marker(self, key: str) -> tuple[int, Any] | None:
+    def _marker(self, key: str) -> tuple[tuple[int, Any], Any] | None:
+        """The marker's (id, beat), and its holder's process; None when there is none."""
         try:
             sid = find_study(self.storage, self.marker_name(key))
-            return sid, self.storage.get_study_user_attrs(sid).get("beat")
+            attrs = self.storage.get_study_user_attrs(sid)
         except KeyError:
             return None
+        return (sid, attrs.get("beat")), attrs.get("process")
+
+    def _take_over(self, key: str, sid: int, why: str) -> None:
+        log.warning("the worker computing %s %s; taking over", key, why)
+        try:  # by id: a fresh claim made by a faster waiter has another id
+            self.storage.delete_study(sid)
+        except KeyError:
+            pass
 
     def obtain(self, key: str, lookup: Callable[[], Any]) -> Any:
         """The value of ``lookup()``, waiting while another worker computes it.
@@ -207,25 +249,22 @@ class Claims:
                     self.release(key)
                     return value
                 return None
-            marker = self._marker(key)
-            if marker is None:  # released just now: look again
+            found = self._marker(key)
+            if found is None:  # released just now: look again
+                continue
+            marker, process = found
+            if process_gone(process):
+                pid = process.get("pid")
+                self._take_over(key, marker[0], f"(pid {pid} on this machine) is gone")
                 continue
             now = time.monotonic()
             if not logged:
                 log.info("waiting for another worker to compute %s", key)
                 logged = True
-            if marker != seen:
-                seen, seen_at = marker, now
+            if marker != seen or settling(self.storage):
+                seen, seen_at = marker, now  # after an outage, the grace period starts anew
             elif now - seen_at > self.grace_s:
-                log.warning(
-                    "the worker computing %s stopped beating for %.0f s; taking over",
-                    key,
-                    self.grace_s,
-                )
-                try:  # by id: a fresh claim made by a faster waiter has another id
-                    self.storage.delete_study(marker[0])
-                except KeyError:
-                    pass
+                self._take_over(key, marker[0], f"stopped beating for {self.grace_s:.0f} s")
                 continue
             if now - start > self.timeout_s:
                 log.warning("gave up waiting %.0f s for %s; computing it here", self.timeout_s, key)

@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import copy
 import warnings
@@ -26,8 +27,12 @@ from functools import partial
 from typing import Any
 
 import optuna
-from optuna.storages import RetryHeartbeatStaleTrialCallback
-from optuna.storages._heartbeat import is_heartbeat_enabled  # what Optuna itself checks
+from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages._cached_storage import _CachedStorage
+from optuna.storages._heartbeat import (
+    BaseHeartbeat,
+    is_heartbeat_enabled,  # what Optuna itself checks
+)
 from optuna.trial import FrozenTrial, TrialState
 
 AnyTrial = optuna.Trial | FrozenTrial
@@ -150,6 +155,120 @@ class RetryStaleTrial(RetryHeartbeatStaleTrialCallback):
         trial = copy.deepcopy(trial)
         trial.user_attrs = self.retry_attrs(trial)  # Optuna copies these onto the retry
         super().__call__(study, trial)
+
+
+# -- storages: the cache, the engine, and a proxy that runs every call through a guard --------
+
+
+def cached(storage: RDBStorage) -> BaseStorage:
+    """``storage`` behind Optuna's cache, as ``optuna.create_study(storage=rdb)`` would wrap it."""
+    return _CachedStorage(storage)
+
+
+def rdb_engine(storage: RDBStorage) -> Any:
+    """The SQLAlchemy engine of an RDB storage (``storage.engine``)."""
+    return storage.engine
+
+
+# Methods the proxy defines itself (no database needed, or a guarded call with a twist); every
+# other public method of BaseStorage, and the heartbeat calls, are routed through the guard.
+_OWN = (
+    "get_heartbeat_interval",
+    "get_heartbeat_stale_trial_callback",
+    "get_failed_trial_callback",
+    "check_trial_is_updatable",
+    "set_trial_state_values",
+)
+_GUARDED = tuple(
+    sorted(
+        {
+            name
+            for name in dir(BaseStorage)
+            if not name.startswith("_")
+            and callable(getattr(BaseStorage, name))
+            and name not in _OWN
+        }
+        | {"record_heartbeat", "_get_stale_trial_ids"}
+    )
+)
+
+
+class GuardedStorage(BaseStorage, BaseHeartbeat):
+    """A storage proxy: every call of ``inner`` runs as ``guard(name, call)``.
+
+    The guard decides what a failing call means (retry through an outage, stop on a write
+    failure: :class:`autoquant.search._guard.StorageGuard`); this class only routes every
+    method of :class:`~optuna.storages.BaseStorage` and of the heartbeat interface through it,
+    so ask, tell, attributes, heartbeats and claims all get the same treatment.
+
+    Example:
+        >>> calls = []
+        >>> def guard(name, call):
+        ...     calls.append(name)
+        ...     return call()
+        >>> storage = GuardedStorage(optuna.storages.InMemoryStorage(), guard)
+        >>> study = optuna.create_study(storage=storage)
+        >>> "create_new_study" in calls, is_heartbeat_enabled(storage)
+        (True, False)
+    """
+
+    def __init__(self, inner: BaseStorage, guard: Callable[[str, Callable[[], Any]], Any]) -> None:
+        self.inner = inner
+        self.guard = guard
+
+    def get_heartbeat_interval(self) -> int | None:
+        if isinstance(self.inner, BaseHeartbeat):
+            return self.inner.get_heartbeat_interval()
+        return None
+
+    def get_heartbeat_stale_trial_callback(
+        self,
+    ) -> Callable[[optuna.Study, FrozenTrial], None] | None:
+        if isinstance(self.inner, BaseHeartbeat):
+            return self.inner.get_heartbeat_stale_trial_callback()
+        return None
+
+    def get_failed_trial_callback(self) -> Callable[[optuna.Study, FrozenTrial], None] | None:
+        return self.get_heartbeat_stale_trial_callback()
+
+    def check_trial_is_updatable(self, trial_id: int, trial_state: TrialState) -> None:
+        self.inner.check_trial_is_updatable(trial_id, trial_state)
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values: Any = None) -> bool:
+        """Retried by the guard like any call, but a retry that finds the trial already in
+        ``state`` succeeded: the first try committed and only its answer was lost."""
+        tries = 0
+
+        def call() -> bool:
+            nonlocal tries
+            tries += 1
+            try:
+                return self.inner.set_trial_state_values(trial_id, state=state, values=values)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                if tries > 1 and self.inner.get_trial(trial_id).state == state:
+                    return True
+                raise
+
+        return self.guard("set_trial_state_values", call)
+
+
+def _routed(name: str) -> Callable[..., Any]:
+    def method(self: GuardedStorage, *args: Any, **kwargs: Any) -> Any:
+        inner = getattr(self.inner, name)
+        return self.guard(name, lambda: inner(*args, **kwargs))
+
+    method.__name__ = method.__qualname__ = name
+    return method
+
+
+for _name in _GUARDED:
+    setattr(GuardedStorage, _name, _routed(_name))
+abc.update_abstractmethods(GuardedStorage)
+
+
+def storage_guard(storage: BaseStorage) -> Any:
+    """The guard of a :class:`GuardedStorage` (None for any other storage)."""
+    return storage.guard if isinstance(storage, GuardedStorage) else None
 
 
 # -- sessions and samplers ---------------------------------------------------------------------

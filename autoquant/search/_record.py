@@ -44,9 +44,11 @@ if TYPE_CHECKING:
 RECORD_VERSION = 1
 VERSION_KEY = "_version"
 
-# Fail reasons that other workers read: a trial whose worker died, and Ctrl-C / SIGTERM.
+# Fail reasons that other workers read: a trial whose worker died, Ctrl-C / SIGTERM, and a
+# storage that failed under the trial (none of them counts towards the failure limit).
 WORKER_LOST = "worker lost"
 INTERRUPTED = "interrupted"
+INFRASTRUCTURE = "infrastructure"
 
 
 class RecordVersionError(ValueError):
@@ -76,6 +78,9 @@ class TrialRecord:
 
     # who ran it
     worker: str | None = None  # "host:pid"
+    # host, pid, process start time, boot id and pid namespace of the worker's process: a
+    # worker on the same machine tells at once that it is gone (see _liveness.process_gone)
+    worker_process: dict[str, Any] | None = None
     baseline: str | None = None  # "w8a8" / "w4a8" for the uniform baselines
     retry_of: int | None = None  # number of the lost trial this one retries
     duplicate_of: int | None = None  # number of the complete trial whose result was reused
@@ -149,6 +154,11 @@ class TrialRecord:
     def deployed_ok(self) -> bool | None:
         """Whether the deployed model passed its check (None: never checked)."""
         return None if self.deployed is None else bool(self.deployed.get("ok"))
+
+    @property
+    def infrastructure(self) -> bool:
+        """Failed because the storage failed under it (it is queued again)."""
+        return (self.fail_reason or "").startswith(INFRASTRUCTURE)
 
 
 _TRIAL_FIELDS = tuple(f.name for f in fields(TrialRecord) if f.name != "extra")

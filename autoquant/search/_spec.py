@@ -176,9 +176,45 @@ class StudySpec:
         return out
 
 
+# Where libpq and SQLAlchemy read a password (keys in any case):
+#   URL userinfo   postgresql+psycopg://user:pw@host/db; pw may be percent-encoded. It runs
+#                  to the last '@' before a host, so a raw '@' or '/' in it is hidden too (an
+#                  '@' in the query may hide more than the password: never less).
+#   URL query      ...?password=pw&sslpassword=pw
+#   key/value DSN  host=h password=pw, password = 'p w \\' q'
+_USERINFO = re.compile(r"://[^:/?#@\s]*:(?P<pw>\S*)@(?=[^@\s/?#]*(?:[/?#\s]|$))")
+_QUERY = re.compile(r"(?i)[?&](?:ssl)?password=(?P<pw>[^&#\s]*)")
+_KEYWORD = re.compile(r"(?i)(?:^|(?<=\s))(?:ssl)?password\s*=\s*(?P<pw>'(?:[^'\\]|\\.)*'|\S*)")
+
+
+def password_spans(text: str) -> list[tuple[int, int]]:
+    """Where ``text`` (a storage URL or libpq DSN) holds a password: sorted, non-empty spans."""
+    spans = {m.span("pw") for rx in (_USERINFO, _QUERY, _KEYWORD) for m in rx.finditer(text)}
+    return sorted((a, b) for a, b in spans if b > a)
+
+
 def mask_password(url: str) -> str:
-    """Hide the password of a storage URL, e.g. ``postgresql://u:***@host/db``."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+    """Hide every password of a storage URL or libpq connection string behind ``***``.
+
+    Covers URL userinfo (any ``+driver`` scheme, percent-encoded or not), ``password=`` and
+    ``sslpassword=`` query parameters (any case) and keyword/value strings (quoted or not).
+
+    Example:
+        >>> mask_password("postgresql+psycopg://u:s%40cret@db/x?sslmode=require")
+        'postgresql+psycopg://u:***@db/x?sslmode=require'
+        >>> mask_password("postgresql://u@db/x?PASSWORD=secret&port=5432")
+        'postgresql://u@db/x?PASSWORD=***&port=5432'
+        >>> mask_password("host=db password='se cret' dbname=x")
+        'host=db password=*** dbname=x'
+    """
+    out, end = [], 0
+    for a, b in password_spans(url):
+        if b <= end:  # inside a span already hidden (two forms overlap)
+            continue
+        if a >= end:
+            out += [url[end:a], "***"]
+        end = b
+    return "".join(out) + url[end:]
 
 
 # -- TOML loading with errors that name the file, the key and the allowed values ---------

@@ -1,26 +1,58 @@
-"""Where a study lives: the storage URL, opening it (driver, retries, masked errors), the study.
+"""Where a study lives: the storage URL, and opening it behind the guard.
 
 Opening an RDB storage turns heartbeats on (see :mod:`autoquant.search._liveness`), so the
-trials of killed workers are failed and retried. No error message, log line or stored
-attribute ever contains the storage's password.
+trials of killed workers are failed and retried, and puts every call behind a
+:class:`~autoquant.search._guard.StorageGuard` (outages ridden out, write failures stopped
+with a one-line :class:`~autoquant.search._signals.InfrastructureError`). No error message,
+log line or stored attribute ever contains the storage's password.
+
+PostgreSQL connections get a connect timeout, a statement timeout and TCP keepalives, so an
+unreachable server is an error (and retried) rather than a hang; settings in the URL's query
+win. Several workers may share a SQLite file: every SQLite transaction starts with ``BEGIN
+IMMEDIATE``, so read-then-write steps (taking a queued trial, failing a lost one) cannot
+interleave.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import time
 import warnings
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from typing import Any
 
 import optuna
 from optuna.storages import RDBStorage
 
+from . import _optuna_compat as compat
+from ._guard import (
+    HUNG_CALL_S,
+    WRITE,
+    HungCallBreaker,
+    StorageGuard,
+    describe,
+    scrub,
+    storage_fault,
+)
 from ._liveness import MAX_RETRY, grace_s, heartbeat_s, retry_lost_trial
 from ._objectives import OBJECTIVES
 from ._samplers import make_sampler
+from ._signals import InfrastructureError
 from ._spec import StudySpec, mask_password, study_name_problem
+
+# PostgreSQL connection settings (a URL's own query parameters win).
+PG_CONNECT_TIMEOUT_S = 10
+PG_STATEMENT_TIMEOUT_MS = 30_000
+PG_KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+}
+PG_TCP_USER_TIMEOUT_MS = 30_000
+SQLITE_BUSY_TIMEOUT_S = 20.0  # how long SQLite waits for another worker's write lock
 
 
 class StorageError(RuntimeError):
@@ -36,27 +68,25 @@ def storage_url(spec: StudySpec, override: str | None = None, *, create: bool = 
     """The storage URL: the override, the study file's ``storage``, or a SQLite file.
 
     With ``create`` (the default) the default SQLite file's folder is created.
+
+    Raises:
+        InfrastructureError: the default SQLite file's folder cannot be created.
     """
     url = override or spec.storage
     if url:
         return url
     path = runs_dir() / spec.name / "study.db"
     if create:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InfrastructureError(
+                f"cannot create the study folder {path.parent}: {e.strerror or e}"
+            ) from None
     return f"sqlite:///{path.resolve()}"
 
 
-def _scrub(text: str, url: str) -> str:
-    """``text`` with every form of ``url``'s password replaced by ``***``."""
-    text = text.replace(url, mask_password(url))
-    try:
-        password = urlsplit(url).password
-    except ValueError:
-        password = None
-    for secret in {password, unquote(password)} if password else ():
-        if secret:
-            text = text.replace(secret, "***")
-    return text
+# -- opening -----------------------------------------------------------------------------------
 
 
 def _with_driver(url: str) -> str:
@@ -74,12 +104,92 @@ def _with_driver(url: str) -> str:
     )
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """Open an Optuna storage with heartbeats, so killed workers' trials are retried.
+def _url_query(url: str) -> dict[str, str]:
+    """The URL's query parameters, keys lower-cased (repeated ones joined by spaces)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        query = make_url(url).query
+    except Exception:  # an unparsable URL fails in RDBStorage, with a masked message
+        return {}
+    return {k.lower(): v if isinstance(v, str) else " ".join(v) for k, v in query.items()}
+
+
+def _engine_kwargs(url: str) -> dict[str, Any]:
+    """Timeouts and keepalives for PostgreSQL, the lock wait for SQLite; the URL's own win."""
+    query = _url_query(url)
+    if url.startswith("sqlite"):
+        return {} if "timeout" in query else {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
+    if not url.startswith("postgres"):
+        return {"pool_pre_ping": True}
+    args: dict[str, Any] = {
+        "connect_timeout": PG_CONNECT_TIMEOUT_S,
+        "tcp_user_timeout": PG_TCP_USER_TIMEOUT_MS,
+        **PG_KEEPALIVES,
+    }
+    args = {k: v for k, v in args.items() if k not in query}
+    options = query.get("options", "")
+    if "statement_timeout" not in options:
+        args["options"] = f"{options} -c statement_timeout={PG_STATEMENT_TIMEOUT_MS}".strip()
+    return {"pool_pre_ping": True, "connect_args": args}
+
+
+_UNITS_S = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "min": 60.0, "h": 3600.0}
+
+
+def statement_timeout_s(url: str) -> float:
+    """The PostgreSQL statement timeout the URL's ``options`` set, else ours (seconds).
+
+    Example:
+        >>> statement_timeout_s("postgresql://h/db?options=-c%20statement_timeout%3D2s")
+        2.0
+        >>> statement_timeout_s("postgresql://h/db")
+        30.0
+    """
+    m = re.search(
+        r"statement_timeout\s*=\s*'?(\d+(?:\.\d+)?)\s*(us|ms|s|min|h)?",
+        _url_query(url).get("options", ""),
+    )
+    if m is None or float(m[1]) == 0:  # 0: PostgreSQL's "no timeout"
+        return PG_STATEMENT_TIMEOUT_MS / 1000
+    return float(m[1]) * _UNITS_S[m[2] or "ms"]
+
+
+def _serialize_sqlite(storage: RDBStorage) -> None:
+    """Start every SQLite transaction with ``BEGIN IMMEDIATE`` (the write lock at once).
+
+    SQLite ignores ``SELECT ... FOR UPDATE``, so two workers could both read a queued trial
+    as WAITING and both run it; taking the write lock first serializes such steps, as row
+    locks do in PostgreSQL. (The SQLAlchemy recipe for pysqlite's transaction control.)
+    """
+    from sqlalchemy import event
+
+    engine = compat.rdb_engine(storage)
+
+    def on_connect(dbapi_connection: Any, record: Any) -> None:
+        dbapi_connection.isolation_level = None  # no implicit BEGIN from pysqlite
+
+    def on_begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    event.listen(engine, "connect", on_connect)
+    event.listen(engine, "begin", on_begin)
+    engine.dispose()  # connections made before the listeners would keep the old behaviour
+
+
+def open_storage(url: str, guard: StorageGuard | None = None) -> optuna.storages.BaseStorage:
+    """Open an Optuna storage with heartbeats, behind a :class:`StorageGuard`.
+
+    Args:
+        url: ``sqlite:///...``, ``postgresql://...``, ``mysql://...``; any other URL goes to
+            :func:`optuna.storages.get_storage`.
+        guard: the guard to use (default: a new one for ``url``).
 
     Raises:
-        StorageError: not a URL, no driver, or the database cannot be reached; the message
-            never contains the password.
+        StorageError: not a URL, no driver, or the database cannot be reached (exit code 2:
+            most likely a wrong URL); the message never contains the password.
+        InfrastructureError: the storage is reachable but cannot be written (a read-only or
+            full disk; exit code 3).
 
     Example:
         >>> open_storage("postgresql://u:secret@127.0.0.1:1/db")  # doctest: +SKIP
@@ -90,35 +200,57 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             f"storage {mask_password(url)!r} is not a URL; use e.g. sqlite:///study.db or "
             "postgresql://user:password@host/db"
         )
+    guard = guard or StorageGuard(url)
     if not url.startswith(("sqlite", "postgres", "mysql")):
-        return optuna.storages.get_storage(url)  # e.g. journal or in-memory storages
+        return compat.GuardedStorage(optuna.storages.get_storage(url), guard)
     import sqlalchemy.exc
 
     driver_url = _with_driver(url)
-    for attempt in range(4):
+    for attempt in range(6):
         try:
             with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.8
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return RDBStorage(
+                storage = RDBStorage(
                     driver_url,
                     heartbeat_interval=heartbeat_s(),  # type: ignore[arg-type]  # float is fine
                     grace_period=grace_s(),  # type: ignore[arg-type]
                     heartbeat_stale_trial_callback=retry_lost_trial(MAX_RETRY),
-                    engine_kwargs=(None if url.startswith("sqlite") else {"pool_pre_ping": True}),
+                    engine_kwargs=_engine_kwargs(driver_url),
                 )
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as e:
-            # Workers started together race to create the schema; the loser retries.
-            if attempt == 3:
-                raise StorageError(_storage_message(url, e)) from None
-            time.sleep(0.5 + attempt)
+            if url.startswith("sqlite") and _sqlite_file(url) is not None:
+                # (In memory: one process only, and dispose() would drop the database.)
+                _serialize_sqlite(storage)
+            elif url.startswith("postgres"):
+                # A call outlasting the statement timeout by HUNG_CALL_S is hung (frozen server).
+                limit = statement_timeout_s(driver_url) + HUNG_CALL_S
+                guard.breaker = guard.breaker or HungCallBreaker(limit, on_hung=guard.hung)
+                guard.breaker.attach(compat.rdb_engine(storage))
+            return compat.GuardedStorage(compat.cached(storage), guard)
         except Exception as e:  # sqlalchemy errors carry the URL: never echo it unmasked
+            if _schema_race(e, sqlalchemy.exc) and attempt < 5:
+                # Workers started together race to create the schema; the loser retries.
+                time.sleep(0.2 + 0.3 * attempt)
+                continue
+            fault = storage_fault(e)
+            if fault is not None and fault[0] == WRITE:
+                raise InfrastructureError(
+                    f"storage {mask_password(url)}: cannot write: {describe(fault[1], url)}"
+                ) from None
             raise StorageError(_storage_message(url, e)) from None
     raise AssertionError("unreachable")
 
 
+def _schema_race(e: BaseException, exc: Any) -> bool:
+    text = str(e).lower()
+    return isinstance(e, (exc.IntegrityError, exc.ProgrammingError)) or (
+        isinstance(e, exc.OperationalError)
+        and ("already exists" in text or "database is locked" in text)
+    )
+
+
 def _storage_message(url: str, e: BaseException) -> str:
     lines = [ln for ln in str(e).splitlines() if ln.strip()] or [""]
-    msg = _scrub(_scrub(lines[0], url), _with_driver_quiet(url))
+    msg = scrub(scrub(lines[0], url), _with_driver_quiet(url))
     return f"cannot open storage {mask_password(url)}: {type(e).__name__}: {msg}"
 
 
@@ -139,23 +271,32 @@ def load_study(spec: StudySpec, storage: str | None = None) -> optuna.Study:
     Raises:
         StorageError: the storage cannot be opened, or its study of that name has other
             objectives than ``spec``.
+        InfrastructureError: the storage cannot be written, or stays unreachable.
 
     Example:
         >>> study = load_study(load_study_spec("studies/digits.toml"))  # doctest: +SKIP
     """
     url = storage_url(spec, storage)
-    study = optuna.create_study(
-        study_name=spec.name,
-        storage=open_storage(url),
-        directions=spec.directions,
-        sampler=make_sampler(spec, spec.seed),
-        load_if_exists=True,
-    )
+    opened = open_storage(url)
+    sampler = make_sampler(spec, spec.seed)
+    try:  # an existing study loads without a write: `front` works on a read-only file
+        study = optuna.load_study(study_name=spec.name, storage=opened, sampler=sampler)
+    except KeyError:
+        study = optuna.create_study(
+            study_name=spec.name,
+            storage=opened,
+            directions=spec.directions,
+            sampler=sampler,
+            load_if_exists=True,
+        )
     _check_directions(study, spec, url)
     if study.metric_names is None:
-        with warnings.catch_warnings():  # set_metric_names is "experimental" since Optuna 3.2
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names([OBJECTIVES[o].field for o in spec.objectives])
+        try:
+            with warnings.catch_warnings():  # "experimental" since Optuna 3.2
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names([OBJECTIVES[o].field for o in spec.objectives])
+        except InfrastructureError:  # a read-only file: the names are cosmetic
+            pass
     return study
 
 
@@ -178,11 +319,20 @@ def study_names(storage: optuna.storages.BaseStorage) -> list[str]:
 
 
 def _sqlite_file(url: str) -> Path | None:
-    """The file of a ``sqlite:///`` URL (None: not SQLite, or in memory)."""
+    """The file of a ``sqlite:///`` URL (None: not SQLite, in memory, or not a plain file).
+
+    Example:
+        >>> str(_sqlite_file("sqlite:///file:/tmp/s.db?mode=ro&uri=true"))
+        '/tmp/s.db'
+    """
     scheme, _, rest = url.partition(":///")
     if not scheme.startswith("sqlite") or not rest:
         return None
-    path = rest.split("?", 1)[0]
+    path, _, query = rest.partition("?")
+    if "uri=true" in query.lower():  # an SQLite URI filename: file:<path>
+        if not path.startswith("file:") or "mode=memory" in query:
+            return None
+        path = path.removeprefix("file:").removeprefix("//")
     return None if path in ("", ":memory:") else Path(path)
 
 

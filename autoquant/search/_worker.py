@@ -48,13 +48,21 @@ from ._baselines import enqueue_baselines, ensure_float_baseline
 from ._budget import Deadline, full, judged, taken_slots
 from ._context import SearchContext, build_context
 from ._driver import StrategyDriver
-from ._liveness import claim_timeout_s, fail_lost_trials, grace_s, heartbeat_s
+from ._liveness import (
+    claim_timeout_s,
+    fail_lost_trials,
+    grace_s,
+    heartbeat_s,
+    mark_owner,
+    queue_retry,
+    reap_dead_workers,
+)
 from ._locks import Beater, ClaimingAttrStore, Claims
 from ._progress import Progress
 from ._record import TrialRecord, read_record, write_record
 from ._resume import check_space_unchanged
 from ._runs import failure_limit, new_run_id, run_failures
-from ._signals import abandon_reason, sigterm_as_interrupt
+from ._signals import InfrastructureError, abandon_reason, sigterm_as_interrupt
 from ._spec import StudySpec
 from ._storages import load_study
 from ._trial import make_objective
@@ -121,6 +129,7 @@ def run_search(
     bar: Progress | None = None
     try:
         with sigterm_as_interrupt():
+            reap_dead_workers(study, claims)  # a rerun after kill -9 need not wait
             ctx = ctx or build_context(spec, LatencyCache(store=ClaimingAttrStore(study, claims)))
             check_space_unchanged(study, ctx)  # before any trial: Optuna cannot mix spaces
             baseline = ensure_float_baseline(study, ctx, claims)
@@ -211,6 +220,7 @@ def _run_trial(
         with warnings.catch_warnings():  # "Heartbeat ... supposed to be used with optimize"
             warnings.filterwarnings("ignore", message="Heartbeat")
             trial = study.ask()
+        mark_owner(trial)  # first: a rerun on this machine fails it at once if we die
         beat = f"trial:{trial.number}"
         if compat.beats_enabled(study):
             beater.add(beat, compat.trial_beat(study, trial))
@@ -244,7 +254,11 @@ def _run_trial(
 
 
 def _abandon(study: optuna.Study, trial: optuna.Trial, e: BaseException) -> None:
-    """Fail a trial left by an interrupt or an error outside the objective, if still running."""
+    """Fail a trial left by an interrupt or an error outside the objective, if still running.
+
+    A trial stopped by the storage ("infrastructure: ...") is queued again; when the storage
+    cannot even record that, the trial stays RUNNING for the lost-trial logic.
+    """
     reason = abandon_reason(e)
     attempts = 5
     for attempt in range(attempts):
@@ -253,10 +267,17 @@ def _abandon(study: optuna.Study, trial: optuna.Trial, e: BaseException) -> None
                 write_record(trial, TrialRecord(fail_reason=reason))
                 study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
                 log.warning("trial %d failed: %s", trial.number, reason)
+                if isinstance(e, InfrastructureError):
+                    queue_retry(study, trial)
             return
-        except Exception as cleanup_error:
+        except (Exception, InfrastructureError) as cleanup_error:
             if attempt == attempts - 1:  # storage gone: the heartbeat timeout fails it later
-                log.warning("could not mark trial %d failed: %s", trial.number, cleanup_error)
+                log.warning(
+                    "could not mark trial %d failed (%s); it stays RUNNING until a worker "
+                    "fails it as lost (a rerun on this machine does so at once)",
+                    trial.number,
+                    cleanup_error,
+                )
                 return
             # An interrupt inside a storage call can leave this thread's session
             # mid-transaction, and SQLite may be briefly locked by a reader: start a fresh

@@ -230,9 +230,9 @@ def _study_file(tmp_path: Path, *, trials: int, steps: int) -> tuple[str, Path]:
     return name, path
 
 
-def _worker(path: Path, log: Path, **env: str) -> subprocess.Popen[bytes]:
+def _worker(path: Path, log: Path, storage: str = PG_URL, **env: str) -> subprocess.Popen[bytes]:
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env}
-    cmd = [sys.executable, "-m", "autoquant.cli", "worker", str(path), "--storage", PG_URL]
+    cmd = [sys.executable, "-m", "autoquant.cli", "worker", str(path), "--storage", storage]
     with open(log, "wb") as out:
         return subprocess.Popen(
             [*cmd, "--threads", "1", "-q"],
@@ -255,6 +255,35 @@ def _wait_all(procs: list[subprocess.Popen[bytes]], logs: list[Path], timeout: f
     text = "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')}" for log in logs)
     assert [p.returncode for p in procs] == [0] * len(procs), text
     return text
+
+
+def _running_trial(
+    name: str, storage: optuna.storages.BaseStorage, procs: dict[int, subprocess.Popen[bytes]]
+) -> tuple[int, int]:
+    """(pid, trial number) of a trial that one of ``procs`` is training, once there is one.
+
+    In training, not while it suggests its plan: killed between two suggestions, a trial
+    leaves a partial plan that its retry completes with new values. A complete trial shows
+    how many parameters a whole plan has.
+    """
+    deadline = time.monotonic() + 180
+    while True:
+        assert time.monotonic() < deadline, "no trial started"
+        assert all(p.poll() is None for p in procs.values()), "a worker ended early"
+        try:
+            study = optuna.load_study(study_name=name, storage=storage)
+        except KeyError:
+            time.sleep(0.2)
+            continue
+        trials = study.get_trials(deepcopy=False)
+        whole = max((len(t.params) for t in trials if t.state == TrialState.COMPLETE), default=0)
+        for t in trials:
+            if t.state != TrialState.RUNNING or not whole or len(t.params) < whole:
+                continue
+            pid = int(str(read_record(t).worker or ":0").rsplit(":", 1)[1])
+            if pid in procs:
+                return pid, t.number
+        time.sleep(0.1)
 
 
 def _check_outcomes(trials: list[FrozenTrial], budget: int) -> None:
@@ -329,31 +358,7 @@ def test_killed_worker_trial_is_failed_with_a_reason_and_retried(
     logs = [tmp_path / f"worker{i}.log" for i in range(2)]
     procs = {p.pid: p for p in (_worker(path, log, **env) for log in logs)}
     storage = open_storage(PG_URL)
-
-    victim: tuple[int, int] | None = None
-    deadline = time.monotonic() + 120
-    while victim is None:
-        assert time.monotonic() < deadline, "no trial started"
-        assert all(p.poll() is None for p in procs.values()), "a worker ended early"
-        try:
-            study = optuna.load_study(study_name=name, storage=storage)
-        except KeyError:
-            time.sleep(0.2)
-            continue
-        trials = study.get_trials(deepcopy=False)
-        # Kill a trial in training, not while it suggests its plan: killed between two
-        # suggestions, it leaves a partial plan that its retry completes with new values.
-        # A complete trial shows how many parameters a whole plan has.
-        whole = max((len(t.params) for t in trials if t.state == TrialState.COMPLETE), default=0)
-        for t in trials:
-            if t.state != TrialState.RUNNING or not whole or len(t.params) < whole:
-                continue
-            pid = int(str(read_record(t).worker or ":0").rsplit(":", 1)[1])
-            if pid in procs:
-                victim = (pid, t.number)
-                break
-        time.sleep(0.1)
-    pid, lost_number = victim
+    pid, lost_number = _running_trial(name, storage, procs)
     os.kill(pid, signal.SIGKILL)
     procs[pid].wait(timeout=30)
     survivor = [p for p in procs.values() if p.pid != pid]
@@ -371,3 +376,131 @@ def test_killed_worker_trial_is_failed_with_a_reason_and_retried(
     assert read_record(retry).retry_of == lost_number
     retry_worker, lost_worker = read_record(retry).worker, read_record(lost).worker
     assert retry_worker and lost_worker and retry_worker != lost_worker
+
+
+# -- SQLite with several workers, and a rerun after kill -9 (no server needed) -----------------
+
+
+@pytest.mark.slow
+def test_several_workers_started_together_on_one_sqlite_file_lose_nothing(
+    tmp_path: Path, digits_ready: None
+) -> None:
+    budget = 4
+    name, path = _study_file(tmp_path, trials=budget, steps=2)
+    url = f"sqlite:///{tmp_path / 'study.db'}"  # a fresh file: the workers race to create it
+    logs = [tmp_path / f"worker{i}.log" for i in range(6)]
+    procs = [_worker(path, log, url) for log in logs]
+    output = _wait_all(procs, logs, timeout=420)
+
+    assert "Traceback" not in output and "Error" not in output, output
+    assert "by another worker" not in output  # no trial was taken by two workers
+    trials = optuna.load_study(study_name=name, storage=open_storage(url)).get_trials()
+    _check_outcomes(trials, budget)
+    baselines = [read_record(t).baseline for t in trials if t.state == TrialState.COMPLETE]
+    assert sorted(b for b in baselines if b) == ["w4a8", "w8a8"]  # each run exactly once
+    assert not [t for t in trials if t.state == TrialState.FAIL], "a trial was lost"
+
+
+@pytest.mark.slow
+def test_a_rerun_after_kill_9_fails_the_killed_trial_at_once_and_retries_it(
+    tmp_path: Path, digits_ready: None
+) -> None:
+    budget = 3
+    name, path = _study_file(tmp_path, trials=budget, steps=300)  # ~2 s trials: time to kill
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    # A grace period of 10 minutes: a rerun that waited for it could not pass.
+    env = {"AUTOQUANT_HEARTBEAT_S": "1", "AUTOQUANT_GRACE_S": "600"}
+    killed = _worker(path, tmp_path / "killed.log", url, **env)
+    pid, lost_number = _running_trial(name, open_storage(url), {killed.pid: killed})
+    os.kill(pid, signal.SIGKILL)
+    killed.wait(timeout=30)
+
+    started = datetime.now()
+    log = tmp_path / "rerun.log"
+    output = _wait_all([_worker(path, log, url, **env)], [log], timeout=300)
+    trials = optuna.load_study(study_name=name, storage=open_storage(url)).get_trials()
+    _check_outcomes(trials, budget)
+    lost = trials[lost_number]
+    assert lost.state == TrialState.FAIL
+    assert read_record(lost).fail_reason.startswith(f"{WORKER_LOST}: its process (pid {pid} on "), (
+        read_record(lost).fail_reason
+    )
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == lost_number]
+    assert [t.state for t in retries] == [TrialState.COMPLETE]
+    assert retries[0].params == lost.params and read_record(retries[0]).retry_of == lost_number
+    # The rerun's first trial starts after the process and the model load, not the grace.
+    first = min(t.datetime_start for t in trials if t.datetime_start and t.datetime_start > started)
+    assert (first - started).total_seconds() < 60, output
+    assert f"resuming: failed trial(s) {lost_number} as worker lost" in output
+    assert "waiting for another worker" not in output
+
+
+# -- PostgreSQL going away: a restart, a freeze ----------------------------------------------
+
+PG_DIR = os.environ.get("AUTOQUANT_PG_DIR", "")
+needs_pg_control = pytest.mark.skipif(
+    not (PG_URL and PG_DIR),
+    reason="needs a throw-away server from scripts/start_postgres.sh (AUTOQUANT_PG_DIR)",
+)
+
+
+def _pg(action: str) -> None:
+    subprocess.run([str(ROOT / "scripts" / "start_postgres.sh"), action, PG_DIR], check=True)
+
+
+def _outage_lines(log: Path) -> tuple[int, int]:
+    text = log.read_text(errors="replace")
+    return text.count("database unreachable since"), text.count("database back after")
+
+
+@needs_pg_control
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_workers_ride_out_a_database_restart_longer_than_the_grace_period(
+    tmp_path: Path, digits_ready: None
+) -> None:
+    budget = 4
+    name, path = _study_file(tmp_path, trials=budget, steps=300)
+    env = {"AUTOQUANT_HEARTBEAT_S": "0.5", "AUTOQUANT_GRACE_S": "3"}
+    logs = [tmp_path / f"worker{i}.log" for i in range(2)]
+    procs = {p.pid: p for p in (_worker(path, log, **env) for log in logs)}
+    _running_trial(name, open_storage(PG_URL), procs)
+    _pg("--down")
+    try:
+        time.sleep(8)  # > the grace period: beats missed meanwhile must not count
+    finally:
+        _pg("--up")
+    output = _wait_all(list(procs.values()), logs, timeout=300)
+
+    assert "Traceback" not in output, output
+    assert [_outage_lines(log) for log in logs] == [(1, 1), (1, 1)], output
+    trials = optuna.load_study(study_name=name, storage=open_storage(PG_URL)).get_trials()
+    _check_outcomes(trials, budget)
+    assert not [t for t in trials if t.state == TrialState.FAIL], [
+        read_record(t).fail_reason for t in trials
+    ]
+
+
+@needs_pg_control
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_a_frozen_database_is_detected_and_ridden_out(tmp_path: Path, digits_ready: None) -> None:
+    budget = 3
+    name, path = _study_file(tmp_path, trials=budget, steps=300)
+    # A 2 s statement timeout: a call hung for 2 + 15 s is broken (the default is 30 + 15 s).
+    url = PG_URL + ("&" if "?" in PG_URL else "?") + "options=-c%20statement_timeout%3D2000"
+    env = {"AUTOQUANT_HEARTBEAT_S": "0.5", "AUTOQUANT_GRACE_S": "3"}
+    log = tmp_path / "worker.log"
+    proc = _worker(path, log, url, **env)
+    _running_trial(name, open_storage(PG_URL), {proc.pid: proc})
+    _pg("--freeze")  # SIGSTOP: the kernel still acknowledges TCP, nothing answers
+    try:
+        time.sleep(25)
+    finally:
+        _pg("--thaw")
+    output = _wait_all([proc], [log], timeout=300)
+
+    assert "Traceback" not in output, output
+    assert _outage_lines(log) == (1, 1), output
+    trials = optuna.load_study(study_name=name, storage=open_storage(PG_URL)).get_trials()
+    _check_outcomes(trials, budget)

@@ -47,6 +47,7 @@ LATENCY = [
 # Every field set (no real trial has all of them at once: a round trip must keep each).
 FULL = TrialRecord(
     worker="host:123",
+    worker_process={"host": "host", "pid": 123, "start": 456, "boot": "b-1", "pidns": "pid:[1]"},
     baseline="w4a8",
     retry_of=3,
     duplicate_of=2,
