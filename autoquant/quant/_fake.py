@@ -87,39 +87,63 @@ def _sum_to_shape(t: Tensor, shape: torch.Size, axis: int | None) -> Tensor:
     return t.sum(dim=[d for d in range(t.ndim) if d != axis]).reshape(shape)
 
 
+def _grid_zero_point(zero_point: Number, qmin: Number, qmax: Number) -> Number:
+    """The zero-point as deployed: clamped to the grid and rounded to an integer."""
+    if isinstance(zero_point, Tensor):
+        return zero_point.clamp(qmin, qmax).round()
+    return float(round(min(max(zero_point, float(qmin)), float(qmax))))
+
+
 class _FakeQuantLSQ(torch.autograd.Function):
-    """LSQ (Esser et al. 2020): straight-through for ``x``, learned-step gradient for ``S``."""
+    """LSQ (Esser et al. 2020) and LSQ+ (Bhalgat et al. 2020) in the zero-point form of
+    ``torch._fake_quantize_learnable_*``: straight-through for ``x``; learned-step gradient for
+    ``S``; for ``Z`` (used rounded, as deployed) a straight-through round, which gives 0 inside
+    the grid and ``-S`` outside. LSQ+ writes the offset as ``beta = -S*Z``; its ``beta``
+    gradient (0 inside, 1 outside) is this one divided by ``-S``."""
 
     @staticmethod
     def forward(
         ctx: Any,
         x: Tensor,
         scale: Tensor,
-        lo: Number,
-        hi: Number,
+        zero_point: Number,
+        qmin: Number,
+        qmax: Number,
         axis: int | None,
-        grad_factor: float,
+        grad_factor: Number,
     ) -> Tensor:
         s = along(scale.clamp_min(EPS), axis, x.ndim)  # a step must stay positive
-        ctx.save_for_backward(x, s)
-        ctx.lo, ctx.hi, ctx.axis, ctx.grad_factor = lo, hi, axis, grad_factor
-        ctx.scale_shape = scale.shape
+        z = along(_grid_zero_point(zero_point, qmin, qmax), axis, x.ndim)
+        lo, hi = qmin - z, qmax - z
+        if isinstance(lo, Tensor):  # tensor bounds (compiled mode, or a tensor zero-point)
+            ctx.save_for_backward(x, s, lo, hi)
+            ctx.bounds = None
+        else:
+            ctx.save_for_backward(x, s)
+            ctx.bounds = (lo, hi)
+        ctx.axis, ctx.grad_factor = axis, grad_factor
+        ctx.shapes = (scale.shape, zero_point.shape if isinstance(zero_point, Tensor) else ())
         return (x * reciprocal_f32(s)).round_().clamp_(lo, hi).mul_(s)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, s = ctx.saved_tensors
+        x, s, *saved_bounds = ctx.saved_tensors
+        lo, hi = ctx.bounds or saved_bounds
         xs = x * reciprocal_f32(s)
         q = torch.round(xs)
-        qc = torch.clamp(q, ctx.lo, ctx.hi)
+        qc = torch.clamp(q, lo, hi)
         mask = q == qc
         grad_x = grad * mask if ctx.needs_input_grad[0] else None
-        grad_s = None
+        grad_s = grad_z = None
         if ctx.needs_input_grad[1]:
             # d(out)/dS = round(x/S) - x/S inside the range, the clamp bound outside.
             local = qc - xs * mask
-            grad_s = _sum_to_shape(grad * local, ctx.scale_shape, ctx.axis) * ctx.grad_factor
-        return grad_x, grad_s, None, None, None, None
+            grad_s = _sum_to_shape(grad * local, ctx.shapes[0], ctx.axis) * ctx.grad_factor
+        if ctx.needs_input_grad[2]:
+            # d(out)/dZ = 0 inside (Z cancels), -S outside (the output is the clamp bound).
+            outside = _sum_to_shape(grad * ~mask, ctx.shapes[1], ctx.axis)
+            grad_z = -outside * s.reshape(ctx.shapes[1]) * ctx.grad_factor
+        return grad_x, grad_s, grad_z, None, None, None, None
 
 
 def lsq_grad_factor(numel: int, n_scales: int, qmax: int) -> float:
@@ -131,24 +155,27 @@ def fake_quantize_lsq(
     x: Tensor,
     scale: Tensor,
     zero_point: Number,
-    qmin: int,
-    qmax: int,
+    qmin: Number,
+    qmax: Number,
     axis: int | None = None,
-    grad_factor: float | None = None,
+    grad_factor: Number | None = None,
 ) -> Tensor:
-    """Fake quantization with a learnable step size (LSQ, Esser et al. 2020).
+    """Fake quantization with a learnable step size (LSQ) and optionally zero-point (LSQ+).
 
-    The forward equals :func:`fake_quantize`. The gradient w.r.t. ``x`` is the same
-    straight-through mask; the gradient w.r.t. ``scale`` is ``round(x/S) - x/S`` inside the range
-    and ``qmin - Z`` / ``qmax - Z`` below / above it, times ``grad_factor``. The zero-point is not
-    learned. The mask is decided on ``round(x/S) + Z`` as in
-    ``torch._fake_quantize_learnable_per_tensor_affine``.
+    The forward equals :func:`fake_quantize` with ``Z`` clamped to ``[qmin, qmax]`` and rounded
+    (the integer a deployed model stores). The gradient w.r.t. ``x`` is the same
+    straight-through mask; w.r.t. ``scale`` it is ``round(x/S) - x/S`` inside the range and
+    ``qmin - Z`` / ``qmax - Z`` below / above it; w.r.t. a ``zero_point`` tensor that requires
+    grad it is 0 inside and ``-S`` outside; both times ``grad_factor``. The mask is decided on
+    ``round(x/S) + Z`` as in ``torch._fake_quantize_learnable_per_tensor_affine``, whose
+    gradients these are.
 
     Args:
         x: input tensor.
         scale: learnable 0-dim or ``[C]`` tensor (positive; clamped at a tiny epsilon).
-        zero_point: integer-valued, same shape as ``scale`` (or a float).
-        qmin: lowest integer code.
+        zero_point: same shape as ``scale`` (or a float); learned when it requires grad.
+        qmin: lowest integer code (an int, or a 0-dim tensor so that compiled code does not
+            specialise on it).
         qmax: highest integer code.
         axis: channel axis for per-channel ``scale``.
         grad_factor: defaults to ``1 / sqrt(N * qmax)``, ``N`` = elements per scale.
@@ -160,6 +187,5 @@ def fake_quantize_lsq(
         1.9777
     """
     if grad_factor is None:
-        grad_factor = lsq_grad_factor(x.numel(), scale.numel(), qmax)
-    lo, hi = _bounds(zero_point, qmin, qmax, axis, x.ndim)
-    return _FakeQuantLSQ.apply(x, scale, lo, hi, axis, grad_factor)
+        grad_factor = lsq_grad_factor(x.numel(), scale.numel(), int(qmax))
+    return _FakeQuantLSQ.apply(x, scale, zero_point, qmin, qmax, axis, grad_factor)
