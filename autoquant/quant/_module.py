@@ -11,6 +11,7 @@ architecture reuse one graph instead of recompiling.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -158,14 +159,10 @@ class FakeQuantize(nn.Module):
             else:
                 setattr(self, name, value)
 
-    @torch.no_grad()
     def constrain_(self) -> None:
         """Keep learned qparams valid after an optimizer step: ``scale >= EPS`` and the
         zero-point inside ``[qmin, qmax]`` (so what is exported is what was simulated)."""
-        if isinstance(self.scale, nn.Parameter):
-            self.scale.clamp_(min=EPS)
-        if isinstance(self.zero_point, nn.Parameter):
-            self.zero_point.clamp_(self.qmin, self.qmax)
+        constrain_quantizers_([self])
 
     def _learns(self, name: str) -> bool:
         return isinstance(getattr(self, name), nn.Parameter)
@@ -278,3 +275,29 @@ class FakeQuantize(nn.Module):
         kind = "weight" if self.for_weight else "activation"
         learned = "".join(f", learned {p}" for p in ("scale", "zero_point") if self._learns(p))
         return f"{self.spec.short()} {self.spec.calibration.value} {kind}, {state}{learned}"
+
+
+@torch.no_grad()
+def constrain_quantizers_(quantizers: Iterable[FakeQuantize]) -> None:
+    """:meth:`FakeQuantize.constrain_` for many quantizers with a few multi-tensor kernels (the
+    QAT loop calls it after every optimizer step).
+
+    Example:
+        >>> fq = FakeQuantize(QuantSpec(bits=4, symmetric=False, learned_zero_point=True))
+        >>> _ = fq.zero_point.data.fill_(17.3)
+        >>> constrain_quantizers_([fq]); float(fq.zero_point.detach())
+        15.0
+    """
+    scales, zero_points, lows, highs = [], [], [], []
+    for fq in quantizers:
+        if fq._learns("scale"):
+            scales.append(fq.scale)
+        if fq._learns("zero_point"):
+            zero_points.append(fq.zero_point)
+            lows.append(fq.qmin)
+            highs.append(fq.qmax)
+    if scales:
+        torch._foreach_clamp_min_(scales, EPS)
+    if zero_points:
+        torch._foreach_clamp_min_(zero_points, lows)
+        torch._foreach_clamp_max_(zero_points, highs)
