@@ -45,6 +45,26 @@ def wants_compile(compile: bool | str, device: torch.device) -> bool:
     return bool(compile)
 
 
+_FX_CLASSES: dict[str, type[nn.Module]] = {}
+
+
+def share_fx_class(model: nn.Module) -> None:
+    """Give a ``torch.fx.GraphModule`` the class of earlier ones whose generated code is equal.
+
+    fx gives every GraphModule its own class, with a forward compiled from generated source,
+    and Dynamo caches compiled graphs per code object and guards on the module's type: every
+    trial's model (a GraphModule when its residual adds are quantized) would compile anew. The
+    generated code depends only on the graph, so modules with equal ``code`` can share one
+    class. Only edit the graph of a deep copy afterwards (``deepcopy`` makes a new class, as
+    ``autoquant.measure`` does before it rewrites graphs): an in-place ``recompile()`` would
+    change the shared class.
+    """
+    if isinstance(model, torch.fx.GraphModule):
+        cls = _FX_CLASSES.setdefault(model.code, type(model))
+        if type(model) is not cls:
+            model.__class__ = cls
+
+
 def compiled_graphs() -> int:
     """Graphs Dynamo has compiled in this process so far (each recompilation adds one)."""
     from torch._dynamo.utils import counters
@@ -73,7 +93,10 @@ class CompiledRunner:
     def __init__(self, model: nn.Module, enabled: bool) -> None:
         self.model = model
         self.requested = enabled
-        self._compiled: Callable[..., Any] | None = torch.compile(model) if enabled else None
+        self._compiled: Callable[..., Any] | None = None
+        if enabled:
+            share_fx_class(model)
+            self._compiled = torch.compile(model)
         self.fallback: str | None = None
         self._graphs_before = compiled_graphs() if enabled else 0
 
@@ -84,7 +107,7 @@ class CompiledRunner:
 
     def forward(self, inputs: Inputs) -> Any:
         """One call of the current model (compiled or eager)."""
-        return call_model(self._compiled or self.model, inputs)
+        return call_model(self.model if self._compiled is None else self._compiled, inputs)
 
     def run(self, work: Callable[[Callable[[Inputs], Any]], T]) -> T:
         """``work(forward)``; if it raises while compiled, warn, record, and redo it eagerly.
