@@ -10,8 +10,9 @@ move a calibrated 2–4-bit grid by up to ~20 % (enough to reach the trained opt
 papers report within tens of percent of a good calibration) while an already fitting 8-bit grid
 barely drifts. SGD gets the same groups, and LSQ's gradient factor ``1/sqrt(N*Qmax)`` (applied
 in the fake-quant backward) keeps its updates in proportion as in the paper. Weight decay never
-applies to quantizer parameters (it would shrink the scales). ``foreach=True``: one multi-tensor
-kernel per group instead of a Python loop over ~10 ops per parameter, bit-identical results.
+applies to quantizer parameters (it would shrink the scales). ``foreach=True``: multi-tensor
+kernels on CUDA; on the CPU the same ~1000 aten kernels per ResNet-20 Adam step, looped in C++
+instead of Python (profiled); bit-identical to the default loop either way (checked).
 """
 
 from __future__ import annotations
