@@ -3,6 +3,7 @@ fallback, and compiled vs eager trial metrics."""
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import pytest
@@ -12,7 +13,13 @@ from torch import nn
 
 from autoquant.tasks import get_task
 from autoquant.train import compiled_graphs, evaluate, qat_finetune
-from autoquant.transform import apply_plan, calibration, quantizable_layers
+from autoquant.train._compile import share_fx_class
+from autoquant.transform import (
+    apply_plan,
+    calibration,
+    quantizable_layers,
+    strip_add_quantizers,
+)
 from autoquant.types import LayerPlan, QuantPlan, QuantSpec
 
 
@@ -193,3 +200,22 @@ def test_compiled_and_eager_trials_give_the_same_metrics() -> None:
     assert h_comp[0] == pytest.approx(h_eager[0], rel=1e-5)
     assert max(abs(a - b) for a, b in zip(h_eager, h_comp, strict=True)) < 2e-2
     assert abs(acc_comp - acc_eager) <= 0.01
+
+
+def test_graph_modules_with_equal_code_share_a_class_and_copies_stay_apart() -> None:
+    model = _Net().eval()
+    a, b = (apply_plan(model, p) for p in _plans(False)[1:3])
+    assert isinstance(a, torch.fx.GraphModule) and type(a) is not type(b)
+    share_fx_class(a)
+    share_fx_class(b)
+    assert type(a) is type(b)  # one class: Dynamo's type guard holds across trials
+    x = _data()[0][0]
+    with calibration(b):
+        b(x)
+    with torch.no_grad():
+        before = b(x)
+    c = copy.deepcopy(b)
+    assert type(c) is not type(b)
+    strip_add_quantizers(c)  # rewrites and recompiles the copy's graph, as measure does
+    with torch.no_grad():
+        assert torch.equal(b(x), before) and not torch.equal(c(x), before)
