@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 from autoquant.train._compile import COMPILE_CHOICES, CompiledRunner, compiled_graphs
+from autoquant.train._data import materialize_batches
 from autoquant.train._distill import (
     Distillation,
     TeacherLogitsCache,
@@ -51,6 +52,7 @@ __all__ = [
     "distillation_loss",
     "evaluate",
     "learned_quantizers",
+    "materialize_batches",
     "param_groups",
     "qat_finetune",
     "teacher_key",

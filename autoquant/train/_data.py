@@ -43,3 +43,20 @@ def stream(batches: Iterable[Any], steps: int) -> Iterator[Batch]:
                 f"batches ran out after {served} batch(es) but steps={steps}; pass an infinite "
                 "iterator (e.g. Task.train_batches) or a re-iterable list of batches"
             )
+
+
+def materialize_batches(batches: Iterable[Any], steps: int) -> list[Batch]:
+    """The first ``steps`` batches of a stream, as a list to reuse across trials.
+
+    A study's training stream is the same for every trial; building it once (augmentation and
+    preprocessing: ~1-3 s per 200 CIFAR batches of 64 on a 2-core CPU) and handing the list to
+    each trial's :func:`~autoquant.train.qat_finetune` gives every trial the same batches in
+    the same order, as long as no trial takes more than ``steps`` steps (a list is cycled).
+    Memory: the batches themselves (200 × 64 × 3×32×32 float32 = 157 MB for CIFAR-10).
+
+    Example:
+        >>> data = materialize_batches(iter([(1, 2), (3, 4), (5, 6)]), 2)
+        >>> data
+        [(1, 2), (3, 4)]
+    """
+    return list(stream(batches, steps))

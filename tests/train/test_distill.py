@@ -17,6 +17,7 @@ from autoquant.train import (
     TeacherLogitsCache,
     cached_teacher_logits,
     distillation_loss,
+    materialize_batches,
     qat_finetune,
     teacher_key,
     teacher_logits,
@@ -219,3 +220,17 @@ def test_distill_arguments_are_checked() -> None:
             distill=Distillation(),
             teacher_logits=torch.zeros(1, 4, 5),
         )
+
+
+def test_materialized_stream_gives_a_trial_the_same_batches() -> None:
+    task = _task()
+    kept = materialize_batches(task.train_batches(8, seed=3), 6)
+    live = task.train_batches(8, seed=3)
+    for x, y in kept:
+        lx, ly = next(live)
+        assert torch.equal(x, lx) and torch.equal(y, ly)
+    net_a, net_b = nn.Linear(6, 3), nn.Linear(6, 3)
+    net_b.load_state_dict(net_a.state_dict())
+    ha = qat_finetune(net_a, kept, F.cross_entropy, steps=6, lr=0.1)
+    hb = qat_finetune(net_b, task.train_batches(8, seed=3), F.cross_entropy, steps=6, lr=0.1)
+    assert ha == hb
