@@ -99,7 +99,10 @@ class _FakeQuantLSQ(torch.autograd.Function):
     ``torch._fake_quantize_learnable_*``: straight-through for ``x``; learned-step gradient for
     ``S``; for ``Z`` (used rounded, as deployed) a straight-through round, which gives 0 inside
     the grid and ``-S`` outside. LSQ+ writes the offset as ``beta = -S*Z``; its ``beta``
-    gradient (0 inside, 1 outside) is this one divided by ``-S``."""
+    gradient (0 inside, 1 outside) is this one divided by ``-S``.
+
+    The forward saves the clip mask and the scale's local gradient instead of ``x``: 6
+    elementwise passes forward and 3-4 backward, instead of recomputing the grid (12)."""
 
     @staticmethod
     def forward(
@@ -114,36 +117,37 @@ class _FakeQuantLSQ(torch.autograd.Function):
     ) -> Tensor:
         s = along(scale.clamp_min(EPS), axis, x.ndim)  # a step must stay positive
         z = along(_grid_zero_point(zero_point, qmin, qmax), axis, x.ndim)
-        lo, hi = qmin - z, qmax - z
-        if isinstance(lo, Tensor):  # tensor bounds (compiled mode, or a tensor zero-point)
-            ctx.save_for_backward(x, s, lo, hi)
-            ctx.bounds = None
-        else:
-            ctx.save_for_backward(x, s)
-            ctx.bounds = (lo, hi)
+        xs = x * reciprocal_f32(s)
+        q = torch.round(xs)
+        qc = torch.clamp(q, qmin - z, qmax - z)
+        mask = q.eq_(qc)  # 1. inside the grid, 0. where clipped (float: cheaper to multiply)
+        # d(out)/dS = round(x/S) - x/S inside the range, the clamp bound outside.
+        local = torch.addcmul(qc, xs, mask, value=-1.0) if ctx.needs_input_grad[1] else None
+        ctx.save_for_backward(mask, local, s)
         ctx.axis, ctx.grad_factor = axis, grad_factor
         ctx.shapes = (scale.shape, zero_point.shape if isinstance(zero_point, Tensor) else ())
-        return (x * reciprocal_f32(s)).round_().clamp_(lo, hi).mul_(s)
+        return qc.mul_(s)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, s, *saved_bounds = ctx.saved_tensors
-        lo, hi = ctx.bounds or saved_bounds
-        xs = x * reciprocal_f32(s)
-        q = torch.round(xs)
-        qc = torch.clamp(q, lo, hi)
-        mask = q == qc
-        grad_x = grad * mask if ctx.needs_input_grad[0] else None
+        mask, local, s = ctx.saved_tensors
+        grad_x = grad * mask if ctx.needs_input_grad[0] or ctx.needs_input_grad[2] else None
         grad_s = grad_z = None
         if ctx.needs_input_grad[1]:
-            # d(out)/dS = round(x/S) - x/S inside the range, the clamp bound outside.
-            local = qc - xs * mask
-            grad_s = _sum_to_shape(grad * local, ctx.shapes[0], ctx.axis) * ctx.grad_factor
+            grad_s = _weighted_sum(grad, local, ctx.shapes[0], ctx.axis) * ctx.grad_factor
         if ctx.needs_input_grad[2]:
             # d(out)/dZ = 0 inside (Z cancels), -S outside (the output is the clamp bound).
-            outside = _sum_to_shape(grad * ~mask, ctx.shapes[1], ctx.axis)
-            grad_z = -outside * s.reshape(ctx.shapes[1]) * ctx.grad_factor
-        return grad_x, grad_s, grad_z, None, None, None, None
+            shape = ctx.shapes[1]
+            outside = _sum_to_shape(grad, shape, ctx.axis) - _sum_to_shape(grad_x, shape, ctx.axis)
+            grad_z = -outside * s.reshape(shape) * ctx.grad_factor
+        return grad_x if ctx.needs_input_grad[0] else None, grad_s, grad_z, None, None, None, None
+
+
+def _weighted_sum(t: Tensor, w: Tensor, shape: torch.Size, axis: int | None) -> Tensor:
+    """``_sum_to_shape(t * w)``; per tensor as one dot product (no temporary)."""
+    if axis is None or len(shape) == 0:
+        return torch.dot(t.reshape(-1), w.reshape(-1)).reshape(shape)
+    return _sum_to_shape(t * w, shape, axis)
 
 
 def lsq_grad_factor(numel: int, n_scales: int, qmax: int) -> float:
@@ -186,6 +190,9 @@ def fake_quantize_lsq(
         >>> round(float(s.grad), 4)  # (3 - 2.6 + 7) / sqrt(2 * 7)
         1.9777
     """
+    if not torch.is_grad_enabled():  # evaluation: the same forward, nothing kept for backward
+        z = _grid_zero_point(zero_point, qmin, qmax)
+        return fake_quantize(x, scale.clamp_min(EPS), z, qmin, qmax, axis)  # type: ignore[arg-type]
     if grad_factor is None:
         grad_factor = lsq_grad_factor(x.numel(), scale.numel(), int(qmax))
     return _FakeQuantLSQ.apply(x, scale, zero_point, qmin, qmax, axis, grad_factor)
