@@ -78,6 +78,10 @@ class QuantSpec:
         momentum: EMA momentum in (0, 1] for ``moving_average`` calibration.
         bins: histogram bins for ``percentile`` and ``kl`` calibration.
         learned_scale: train the scale as a parameter during QAT (LSQ).
+        learned_zero_point: train the zero-point too (LSQ+; asymmetric grids only). The
+            forward uses it clamped to the grid and rounded, as the deployed integer
+            zero-point; omitted from :meth:`to_dict` when False, so plans written before it
+            existed keep their JSON.
 
     Example:
         >>> QuantSpec(bits=4, symmetric=False).qrange
@@ -93,6 +97,7 @@ class QuantSpec:
     momentum: float = 0.1
     bins: int = 2048
     learned_scale: bool = False
+    learned_zero_point: bool = False
 
     def __post_init__(self) -> None:
         bits = self.bits
@@ -109,7 +114,7 @@ class QuantSpec:
         object.__setattr__(
             self, "calibration", _coerce_enum(CalibrationMethod, self.calibration, "calibration")
         )
-        for name in ("symmetric", "learned_scale"):
+        for name in ("symmetric", "learned_scale", "learned_zero_point"):
             if not isinstance(getattr(self, name), bool):
                 raise PlanError(
                     f"{name}={getattr(self, name)!r} is not allowed; allowed values: True, False"
@@ -127,6 +132,12 @@ class QuantSpec:
             )
         if isinstance(self.bins, bool) or not isinstance(self.bins, int) or self.bins < 16:
             raise PlanError(f"bins={self.bins!r} is not allowed; allowed values: an integer >= 16")
+        if self.learned_zero_point and self.symmetric and not self.is_float:
+            raise PlanError(
+                "learned_zero_point=True is not allowed with symmetric=True (the zero-point of "
+                "a symmetric grid is 0); allowed values: learned_zero_point=False, or "
+                "symmetric=False"
+            )
 
     @property
     def is_float(self) -> bool:
@@ -160,6 +171,8 @@ class QuantSpec:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["granularity"] = self.granularity.value
         out["calibration"] = self.calibration.value
+        if not self.learned_zero_point:  # newer than the plan format: absent means False
+            del out["learned_zero_point"]
         return out
 
     @classmethod

@@ -10,15 +10,24 @@ Trains a CIFAR-shaped ResNet-20 (3x32x32, random data: only the time matters) wi
   QAT run);
 * ``torch.ao-qat-frozen``: the same with observers disabled (ranges frozen, as autoquant does);
 * ``autoquant-w8a8`` / ``autoquant-w4a8``: ``apply_plan`` (weights per-channel symmetric,
-  activations per-tensor asymmetric) after a calibration pass.
+  activations per-tensor asymmetric) after a calibration pass;
+* ``autoquant-w4a8-lsq``: the same with learned scales (LSQ) and activation zero-points (LSQ+);
+* ``--compile``: ``<variant>+compiled`` for the folded float model and the autoquant variants,
+  ``torch.compile`` (Inductor) of the model, forward and backward; the first (compiling) steps
+  are timed apart and reported as the compile cost;
+* ``--channels-last``: ``<variant>+cl`` for the folded float model and ``autoquant-w4a8``, with
+  model and input in ``torch.channels_last`` (oneDNN's native layout: no reorders per conv).
 
 Each step is forward + cross-entropy + backward + SGD step. After warm-up, rounds run one step
 of every variant in a rotating order, so machine noise hits all variants alike; the script
-prints the median (and quartiles) of each variant and its ratio to ``float32``, and the same
-for the fastest step (the least disturbed one on a busy machine).
+prints the median (and quartiles) of each variant, its ratio to ``float32`` and to the
+**folded** float model (what the fake-quant model computes without fake-quant: the fake-quant
+cost proper), and the same for the fastest step (the least disturbed one on a busy machine).
 
 Usage:
-    .venv/bin/python scripts/bench_qat_overhead.py --threads 2 --rounds 40
+    .venv/bin/python scripts/bench_qat_overhead.py --threads 2 --rounds 40 --compile
+    .venv/bin/python scripts/bench_qat_overhead.py --rounds 2 --warmup 1 --compile  # smoke run
+    .venv/bin/python scripts/bench_qat_overhead.py --device cuda --batch-size 256 --compile
 """
 
 from __future__ import annotations
@@ -102,12 +111,14 @@ def torch_ao_qat(model: nn.Module) -> nn.Module:
     return tq.prepare_qat(model)
 
 
-def autoquant_qat(model: nn.Module, weight_bits: int, calib: list[Tensor]) -> nn.Module:
+def autoquant_qat(
+    model: nn.Module, weight_bits: int, calib: list[Tensor], learned: bool = False
+) -> nn.Module:
     names = [i.name for i in quantizable_layers(model, calib[0][:1])]
     plan = QuantPlan.uniform(
         names,
-        QuantSpec(bits=weight_bits, granularity="per_channel"),
-        QuantSpec(bits=8, symmetric=False),
+        QuantSpec(bits=weight_bits, granularity="per_channel", learned_scale=learned),
+        QuantSpec(bits=8, symmetric=False, learned_scale=learned, learned_zero_point=learned),
     )
     q = apply_plan(model, plan)
     with calibration(q):
@@ -116,13 +127,16 @@ def autoquant_qat(model: nn.Module, weight_bits: int, calib: list[Tensor]) -> nn
     return q.train()
 
 
-def make_step(model: nn.Module, x: Tensor, y: Tensor) -> Callable[[], None]:
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+def make_step(model: nn.Module, x: Tensor, y: Tensor, compiled: bool = False) -> Callable[[], None]:
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, foreach=True)
+    run = torch.compile(model) if compiled else model
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        F.cross_entropy(run(x), y).backward()
         opt.step()
+        sync()
 
     return step
 
@@ -134,9 +148,13 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--profile", default="", help="print a torch.profiler table for a variant")
+    ap.add_argument("--compile", action="store_true", help="add torch.compile'd variants")
+    ap.add_argument("--channels-last", action="store_true", help="add channels_last variants")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    dev = torch.device(args.device)
 
     x = torch.randn(args.batch_size, 3, 32, 32)
     y = torch.randint(0, 10, (args.batch_size,))
@@ -147,18 +165,36 @@ def main() -> None:
     base.eval()
     calib = [torch.randn(args.batch_size, 3, 32, 32) for _ in range(2)]
 
-    ao = torch_ao_qat(ResNet20().train())
-    ao_frozen = torch_ao_qat(ResNet20().train())
-    ao_frozen.apply(tq.disable_observer)
     variants = {
         "float32": copy.deepcopy(base).train(),
         "float32-folded": fold_batchnorm(base).train(),
-        "torch.ao-qat": ao,
-        "torch.ao-qat-frozen": ao_frozen,
+    }
+    if dev.type == "cpu":  # torch.ao's eager QAT runs on the CPU only
+        ao = torch_ao_qat(ResNet20().train())
+        ao_frozen = torch_ao_qat(ResNet20().train())
+        ao_frozen.apply(tq.disable_observer)
+        variants |= {"torch.ao-qat": ao, "torch.ao-qat-frozen": ao_frozen}
+    variants |= {
         "autoquant-w8a8": autoquant_qat(base, 8, calib),
         "autoquant-w4a8": autoquant_qat(base, 4, calib),
+        "autoquant-w4a8-lsq": autoquant_qat(base, 4, calib, learned=True),
     }
-    steps = {name: make_step(m, x, y) for name, m in variants.items()}
+    steps = {name: make_step(m.to(dev), x.to(dev), y.to(dev)) for name, m in variants.items()}
+    if args.channels_last:
+        cl = torch.channels_last
+        xc = x.to(dev).contiguous(memory_format=cl)
+        for name in ("float32-folded", "autoquant-w4a8"):
+            m = copy.deepcopy(variants[name]).to(dev, memory_format=cl)
+            steps[f"{name}+cl"] = make_step(m, xc, y.to(dev))
+    compile_s: dict[str, float] = {}
+    if args.compile:
+        for name in ("float32-folded", "autoquant-w8a8", "autoquant-w4a8", "autoquant-w4a8-lsq"):
+            m = copy.deepcopy(variants[name]).to(dev)
+            step = make_step(m, x.to(dev), y.to(dev), compiled=True)
+            t0 = time.perf_counter()
+            step()  # compiles forward and backward
+            compile_s[f"{name}+compiled"] = time.perf_counter() - t0
+            steps[f"{name}+compiled"] = step
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
@@ -184,22 +220,28 @@ def main() -> None:
 
     ref = statistics.median(times["float32"])
     ref_min = min(times["float32"])
+    folded = statistics.median(times["float32-folded"])
+    folded_min = min(times["float32-folded"])
+    where = f"CUDA ({torch.cuda.get_device_name()})" if dev.type == "cuda" else "CPU"
     print(
-        f"ResNet-20, batch {args.batch_size}, 3x32x32, CPU, {args.threads} threads, "
+        f"ResNet-20, batch {args.batch_size}, 3x32x32, {where}, {args.threads} threads, "
         f"torch {torch.__version__}, {args.rounds} interleaved rounds after "
         f"{args.warmup} warm-up steps"
     )
     print(
-        f"{'variant':<22}{'median ms':>10}{'q25':>8}{'q75':>8}{'x float32':>11}"
-        f"{'min ms':>9}{'x (min)':>9}"
+        f"{'variant':<32}{'median ms':>10}{'q25':>8}{'q75':>8}{'x float32':>11}{'x folded':>10}"
+        f"{'min ms':>9}{'x (min)':>9}{'x folded (min)':>16}"
     )
     for name, ts in times.items():
-        q1, _, q3 = statistics.quantiles(ts, n=4)
+        q1, _, q3 = statistics.quantiles(ts, n=4) if len(ts) > 1 else (ts[0], ts[0], ts[0])
         med = statistics.median(ts)
         print(
-            f"{name:<22}{med * 1e3:>10.1f}{q1 * 1e3:>8.1f}{q3 * 1e3:>8.1f}{med / ref:>11.2f}"
-            f"{min(ts) * 1e3:>9.1f}{min(ts) / ref_min:>9.2f}"
+            f"{name:<32}{med * 1e3:>10.1f}{q1 * 1e3:>8.1f}{q3 * 1e3:>8.1f}{med / ref:>11.2f}"
+            f"{med / folded:>10.2f}{min(ts) * 1e3:>9.1f}{min(ts) / ref_min:>9.2f}"
+            f"{min(ts) / folded_min:>16.2f}"
         )
+    for name, secs in compile_s.items():
+        print(f"compile time (first step) of {name}: {secs:.1f} s")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ Example:
 from __future__ import annotations
 
 from autoquant.quant._fake import fake_quantize, fake_quantize_lsq, lsq_grad_factor
-from autoquant.quant._module import FakeQuantize
+from autoquant.quant._module import FakeQuantize, constrain_quantizers_
 from autoquant.quant._observers import (
     KLObserver,
     MinMaxObserver,
@@ -39,6 +39,7 @@ __all__ = [
     "MovingAverageObserver",
     "Observer",
     "PercentileObserver",
+    "constrain_quantizers_",
     "dequantize",
     "fake_quantize",
     "fake_quantize_lsq",

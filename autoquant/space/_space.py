@@ -18,7 +18,13 @@ from autoquant.types import (
     QuantSpec,
 )
 
-# Per-layer knobs: parameter suffix → (QuantSpec owner, QuantSpec field, allowed values).
+#: Learned quantizer parameters per layer: ``none`` (calibrated, frozen), ``scale`` (LSQ) and,
+#: for activations on an asymmetric grid, ``scale+zero_point`` (LSQ+).
+W_LEARN = ("none", "scale")
+A_LEARN = ("none", "scale", "scale+zero_point")
+
+# Per-layer knobs: parameter suffix → (QuantSpec owner, QuantSpec field, allowed values). The
+# ``learn`` pseudo-field sets ``learned_scale`` / ``learned_zero_point`` (see _learn_fields).
 KNOBS: dict[str, tuple[str, str, tuple[Any, ...]]] = {
     "w_bits": ("weight", "bits", ALLOWED_BITS),
     "a_bits": ("activation", "bits", ALLOWED_BITS),
@@ -28,7 +34,18 @@ KNOBS: dict[str, tuple[str, str, tuple[Any, ...]]] = {
     "a_gran": ("activation", "granularity", tuple(g.value for g in Granularity)),
     "w_calib": ("weight", "calibration", tuple(c.value for c in CalibrationMethod)),
     "a_calib": ("activation", "calibration", tuple(c.value for c in CalibrationMethod)),
+    "w_learn": ("weight", "learn", W_LEARN),
+    "a_learn": ("activation", "learn", A_LEARN),
 }
+
+
+def _learn_fields(choice: str, symmetric: bool) -> dict[str, bool]:
+    """QuantSpec fields of a ``w_learn``/``a_learn`` choice; a symmetric grid has no zero-point
+    to learn, so ``scale+zero_point`` learns the scale alone there."""
+    return {
+        "learned_scale": choice != "none",
+        "learned_zero_point": choice == "scale+zero_point" and not symmetric,
+    }
 
 
 ADD_CHOICES = ("int8", "fp32")
@@ -68,12 +85,21 @@ class SearchSpace:
     """Per-layer choices and which layers are searched.
 
     Each knob (``w_bits``, ``a_bits``, ``w_sym``, ``a_sym``, ``w_gran``, ``a_gran``,
-    ``w_calib``, ``a_calib``) is a tuple of choices; a single choice is fixed and not
-    suggested. ``include``/``exclude`` are fnmatch patterns over layer names; excluded
-    layers stay float. ``tie`` maps a group name to patterns whose layers share one
-    choice. ``overrides`` maps a pattern to knob values (a scalar fixes the knob, a list
-    narrows it), e.g. ``{"conv1": {"w_bits": 8}}`` keeps the first layer at 8 bits.
-    ``lr`` (a ``(low, high)`` log range) and ``qat_steps`` (choices) make QAT
+    ``w_calib``, ``a_calib``, ``w_learn``, ``a_learn``) is a tuple of choices; a single choice
+    is fixed and not suggested. ``w_learn`` (``"none"``, ``"scale"``) and ``a_learn``
+    (``"none"``, ``"scale"``, ``"scale+zero_point"``) choose which quantizer parameters QAT
+    learns: none (calibrated, frozen), the scale (LSQ) or, on an asymmetric activation grid,
+    the scale and the zero-point (LSQ+; on a symmetric grid it learns the scale alone).
+    ``learned_scale=True`` is the older per-study switch: it makes ``"scale"`` the default of
+    both (an explicit ``w_learn``/``a_learn`` wins). The residual adds' quantizers learn like
+    the first ``a_learn`` choice.
+
+    ``include``/``exclude`` are fnmatch patterns over layer names; excluded layers stay float.
+    ``tie`` maps a group name to patterns whose layers share one choice. ``overrides`` maps a
+    pattern to knob values (a scalar fixes the knob, a list narrows it), e.g.
+    ``{"conv1": {"w_bits": 8}}`` keeps the first layer at 8 bits.
+    ``lr`` and ``quant_lr`` (``(low, high)`` log ranges), ``qat_steps`` (choices) and
+    ``distill`` (``(True, False)``: with or without distillation from the float model) make QAT
     hyperparameters part of the search. ``adds`` chooses how the model's residual adds run:
     ``"int8"`` (8-bit asymmetric, calibrated like the activations: an integer add when
     deployed) or ``"fp32"``; with both, the search picks (parameter ``adds``).
@@ -92,6 +118,8 @@ class SearchSpace:
     a_gran: tuple[str, ...] = ("per_tensor",)
     w_calib: tuple[str, ...] = ("minmax",)
     a_calib: tuple[str, ...] = ("minmax",)
+    w_learn: tuple[str, ...] | None = None
+    a_learn: tuple[str, ...] | None = None
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
     tie: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
@@ -101,8 +129,19 @@ class SearchSpace:
     percentile: float = 99.99
     learned_scale: bool = False
     adds: tuple[str, ...] = ("int8",)
+    quant_lr: tuple[float, float] | None = None
+    distill: tuple[bool, ...] | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.learned_scale, bool):
+            raise PlanError(
+                f"space.learned_scale={self.learned_scale!r} is not allowed; "
+                "allowed values: true, false"
+            )
+        default_learn = ("scale",) if self.learned_scale else ("none",)
+        for name in ("w_learn", "a_learn"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default_learn)
         for name in KNOBS:
             object.__setattr__(
                 self, name, _check_choices(name, _as_tuple(getattr(self, name), name))
@@ -139,11 +178,25 @@ class SearchSpace:
                 f"space.adds has {bad[0]!r}; allowed values: {', '.join(map(repr, ADD_CHOICES))}"
             )
         object.__setattr__(self, "adds", tuple(dict.fromkeys(adds)))
-        if self.lr is not None:
-            lo, hi = (float(v) for v in self.lr)
+        for name in ("lr", "quant_lr"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            try:
+                lo, hi = (float(v) for v in value)
+            except (TypeError, ValueError):
+                lo = hi = float("nan")
             if not 0 < lo <= hi:
-                raise PlanError(f"space.lr={self.lr!r} must be [low, high] with 0 < low <= high")
-            object.__setattr__(self, "lr", (lo, hi))
+                raise PlanError(f"space.{name}={value!r} must be [low, high] with 0 < low <= high")
+            object.__setattr__(self, name, (lo, hi))
+        if self.distill is not None:
+            distill = _as_tuple(self.distill, "distill")
+            if any(not isinstance(d, bool) for d in distill):
+                raise PlanError(
+                    f"space.distill={self.distill!r} is not allowed; allowed values: "
+                    "a list of true/false"
+                )
+            object.__setattr__(self, "distill", tuple(dict.fromkeys(distill)))
         if self.qat_steps is not None:
             steps = _as_tuple(self.qat_steps, "qat_steps")
             if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in steps):
@@ -177,6 +230,14 @@ class SearchSpace:
             if any(fnmatch.fnmatchcase(n, p) for p in self.include)
             and not any(fnmatch.fnmatchcase(n, p) for p in self.exclude)
         ]
+        for n in chosen:
+            choices = self.knob_choices(n)
+            if "scale+zero_point" in choices["a_learn"] and False not in choices["a_sym"]:
+                raise PlanError(
+                    f"space.a_learn has 'scale+zero_point' but layer {n!r} only has symmetric "
+                    "activations (a_sym = [true]), which have no zero-point to learn; allowed: "
+                    "a_sym with false, or a_learn 'none'/'scale'"
+                )
         for group in self.tie:
             members = [n for n in chosen if self.group_of(n) == group]
             choices = {n: self.knob_choices(n) for n in members}
@@ -233,7 +294,7 @@ class SearchSpace:
             symmetric=False,
             calibration=self.a_calib[0],
             percentile=self.percentile,
-            learned_scale=self.learned_scale,
+            **_learn_fields(self.a_learn[0], symmetric=False),  # type: ignore[index]
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -286,10 +347,11 @@ def plan_from_trial(
         for knob, value in values.items():
             owner, spec_field, _ = KNOBS[knob]
             specs[owner][spec_field] = value
-        extra = {"percentile": space.percentile, "learned_scale": space.learned_scale}
+        for spec in specs.values():
+            spec.update(_learn_fields(spec.pop("learn"), symmetric=spec["symmetric"]))
         layers[layer] = LayerPlan(
-            weight=QuantSpec(**specs["weight"], **extra, axis=0),
-            activation=QuantSpec(**specs["activation"], **extra, axis=1),
+            weight=QuantSpec(**specs["weight"], percentile=space.percentile, axis=0),
+            activation=QuantSpec(**specs["activation"], percentile=space.percentile, axis=1),
         )
     adds = (
         space.adds[0]
@@ -302,7 +364,18 @@ def plan_from_trial(
 def qat_params_from_trial(
     trial: ChoiceTrial, space: SearchSpace, lr: float, steps: int
 ) -> dict[str, Any]:
-    """QAT hyperparameters: searched when the space names them, else the given defaults."""
+    """QAT hyperparameters: searched when the space names them, else the given defaults.
+
+    Always ``lr`` and ``steps``; ``quant_lr`` (parameter ``qat/quant_lr``) and ``distill``
+    (``qat/distill``, a bool: distil from the float model or not) only when the space has them,
+    so that trials stored before they existed compare equal.
+
+    Example:
+        >>> import optuna
+        >>> space = SearchSpace(distill=(True, False))
+        >>> qat_params_from_trial(optuna.trial.FixedTrial({"qat/distill": True}), space, 0.1, 9)
+        {'lr': 0.1, 'steps': 9, 'distill': True}
+    """
     if space.lr is not None:
         lr = trial.suggest_float("qat/lr", space.lr[0], space.lr[1], log=True)
     if space.qat_steps is not None:
@@ -311,7 +384,18 @@ def qat_params_from_trial(
             if len(space.qat_steps) == 1
             else trial.suggest_categorical("qat/steps", list(space.qat_steps))
         )
-    return {"lr": lr, "steps": int(steps)}
+    out: dict[str, Any] = {"lr": lr, "steps": int(steps)}
+    if space.quant_lr is not None:
+        out["quant_lr"] = trial.suggest_float(
+            "qat/quant_lr", space.quant_lr[0], space.quant_lr[1], log=True
+        )
+    if space.distill is not None:
+        out["distill"] = bool(
+            space.distill[0]
+            if len(space.distill) == 1
+            else trial.suggest_categorical("qat/distill", list(space.distill))
+        )
+    return out
 
 
 def baseline_params(

@@ -117,3 +117,65 @@ def test_per_tensor_state_dict_reload_refreshes_cached_floats() -> None:
 def test_freeze_without_data_raises() -> None:
     with pytest.raises(RuntimeError, match="no data"):
         FakeQuantize(QuantSpec(bits=8)).freeze()
+
+
+# Compiled mode: qparams as tensors, same values as the eager float path ---------------------
+COMPILED_CASES = {
+    "act_per_tensor": (QuantSpec(bits=4, symmetric=False), False, (8, 5, 3, 3)),
+    "weight_per_channel": (QuantSpec(bits=3, granularity="per_channel"), True, (6, 4, 3, 3)),
+    "weight_per_tensor": (QuantSpec(bits=5), True, (6, 4, 3, 3)),
+    "act_per_channel": (
+        QuantSpec(bits=6, symmetric=False, granularity="per_channel", axis=1),
+        False,
+        (8, 5, 3, 3),
+    ),
+    "lsq": (QuantSpec(bits=2, learned_scale=True), False, (8, 5, 3, 3)),
+    "lsq_plus": (
+        QuantSpec(bits=3, symmetric=False, learned_scale=True, learned_zero_point=True),
+        False,
+        (8, 5),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(COMPILED_CASES))
+def test_compiled_forward_and_gradients_equal_eager(case: str) -> None:
+    spec, for_weight, shape = COMPILED_CASES[case]
+    x = torch.randn(*shape) * 2 + 0.3
+    fq = _calibrated(spec, x, for_weight=for_weight)
+    compiled = torch.compile(fq, backend="aot_eager", fullgraph=True)  # same ATen ops as eager
+    grad = torch.randn(*shape)
+    results = []
+    for run in (fq, compiled):
+        fq.zero_grad(set_to_none=True)
+        xi = (x * 1.6).requires_grad_()  # some values fall outside the calibrated range
+        out = run(xi)
+        out.backward(grad)
+        results.append((out.detach(), xi.grad, [p.grad for p in fq.quant_parameters()]))
+    (eager, eager_gx, eager_gq), (comp, comp_gx, comp_gq) = results
+    assert torch.equal(eager, comp) and not torch.equal(eager, x * 1.6)
+    assert torch.equal(eager_gx, comp_gx) and 0 < int((eager_gx == 0).sum()) < x.numel()
+    assert len(eager_gq) == spec.learned_scale + spec.learned_zero_point
+    for a, b in zip(eager_gq, comp_gq, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # the LSQ factor: float vs rsqrt
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs_get_float32_codes(dtype: torch.dtype) -> None:
+    x = torch.randn(4, 8, 5, 5) * 3
+    fq = _calibrated(QuantSpec(bits=8, symmetric=False), x)
+    xl = x.to(dtype).requires_grad_()
+    out = fq(xl)
+    assert out.dtype == dtype
+    assert torch.equal(out, fq(xl.detach().float()).to(dtype))
+    out.sum().backward()
+    assert xl.grad is not None and xl.grad.dtype == dtype
+
+
+def test_weight_per_tensor_kernel_holds_one_value_per_output_channel() -> None:
+    w = torch.randn(6, 3, 3, 3)
+    fq = _calibrated(QuantSpec(bits=4), w, for_weight=True)
+    # Granularity is data for a compiled graph: the kernel is shaped like a per-channel one.
+    assert fq.kernel.shape == (4, 6)
+    assert torch.equal(fq.kernel[1], fq.scale.expand(6))
+    assert torch.equal(fq(w), fake_quantize(w, fq.scale, fq.zero_point, -7, 7))
