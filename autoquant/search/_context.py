@@ -18,18 +18,18 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from autoquant.measure import LatencyCache, measure_latencies
-from autoquant.space import plan_from_trial, qat_params_from_trial
+from autoquant.space import SearchSpace, fit_space, plan_from_trial, qat_params_from_trial
 from autoquant.space._space import ChoiceTrial
-from autoquant.tasks import Task, TaskError, get_task
-from autoquant.train import evaluate, qat_finetune
+from autoquant.tasks import Task, TaskError, cache_dir, get_task
+from autoquant.train import Distillation, cached_teacher_logits, evaluate, qat_finetune
 from autoquant.transform import (
     apply_plan,
     calibration,
@@ -115,6 +115,8 @@ class SearchContext:
         excluded = excluded_layers_message(self.layers)
         if excluded:
             log.warning(excluded)
+        # Embeddings take token ids and attention matmuls have no weight: fix those knobs.
+        self.spec = spec = replace(spec, space=fitted_space(spec.space, self.layers))
         self.searched = spec.space.select(self.layer_names)
         self.calib = self.task.calib_batches(spec.qat.calib_batch_size)[: spec.qat.calib_batches]
         self.eval = self.task.eval_batches(spec.qat.eval_batch_size)
@@ -147,6 +149,8 @@ class SearchContext:
         *,
         lr: float,
         steps: int,
+        quant_lr: float | None = None,
+        distill: bool | None = None,
         float_accuracy: float | None = None,
         measure: bool = True,
         checkpoints: Sequence[float] = (),
@@ -158,6 +162,9 @@ class SearchContext:
             plan: the plan.
             lr: QAT learning rate.
             steps: QAT steps.
+            quant_lr: relative learning rate of learned quantizers (default ``[qat]``'s).
+            distill: distil from the float model (default: when ``[qat] distill`` is set);
+                the teacher's logits come from :meth:`teacher_logits`.
             float_accuracy: the float model's accuracy (for ``accuracy_drop``).
             measure: measure the latency (else NaN).
             checkpoints: fractions of the QAT steps, in [0, 1), at which ``on_checkpoint`` is
@@ -196,7 +203,13 @@ class SearchContext:
             timing["checkpoints"] += time.perf_counter() - t
 
         check(0)
+        use_kd = spec.qat.distill is not None if distill is None else distill
+        kd = (spec.qat.distill or Distillation()) if use_kd and steps > 0 else None
+        t = time.perf_counter()
+        teacher = self.teacher_logits(steps) if kd is not None else None
+        timing["teacher"] = time.perf_counter() - t  # ~0 once cached
         t, before = time.perf_counter(), timing["checkpoints"]
+        run: dict[str, Any] = {}
         history = (
             qat_finetune(
                 model,
@@ -207,6 +220,12 @@ class SearchContext:
                 optimizer=spec.qat.optimizer,
                 device=self.device,
                 callback=(lambda step, _loss: check(step + 1)) if early else None,
+                quant_lr=spec.qat.quant_lr if quant_lr is None else quant_lr,
+                distill=kd,
+                teacher_logits=teacher,
+                compile=spec.qat.compile,
+                autocast=spec.qat.autocast,
+                record=run,
             )
             if steps > 0
             else []
@@ -214,7 +233,13 @@ class SearchContext:
         timing["qat"] = time.perf_counter() - t - (timing["checkpoints"] - before)
 
         t = time.perf_counter()
-        accuracy = evaluate(model, self.eval, device=self.device)
+        accuracy = evaluate(
+            model,
+            self.eval,
+            device=self.device,
+            compile=spec.qat.compile,
+            autocast=spec.qat.autocast,
+        )
         timing["eval"] = time.perf_counter() - t
 
         if not early:
@@ -228,7 +253,7 @@ class SearchContext:
         record = TrialRecord(
             plan=plan.to_dict(),
             plan_summary=plan.summary(),
-            qat={"lr": lr, "steps": steps, "optimizer": spec.qat.optimizer},
+            qat=_qat_record(lr, steps, spec.qat.optimizer, quant_lr, distill, kd, run),
             accuracy=accuracy,
             accuracy_drop=None if float_accuracy is None else float_accuracy - accuracy,
             size_bytes=size,
@@ -240,6 +265,28 @@ class SearchContext:
         )
         values = {"accuracy": accuracy, "size": float(size), "latency": latencies[0]["median_ms"]}
         return TrialResult(model=model, plan=plan, values=values, record=record)
+
+    def teacher_logits(self, steps: int) -> torch.Tensor:
+        """The float model's logits on the study's QAT stream, computed once per study.
+
+        Kept in memory and under ``$AUTOQUANT_CACHE/teacher-logits`` (keyed by the task, its
+        options, the seed, the batch size and the float weights), so every trial and every
+        worker on this machine reuses them.
+        """
+        qat = self.spec.qat
+        return cached_teacher_logits(
+            self.float_model,
+            lambda: self.task.train_batches(qat.batch_size, seed=self.spec.seed),
+            steps=steps,
+            stream={
+                "task": self.spec.task,
+                "options": dict(self.spec.task_options),
+                "seed": self.spec.seed,
+                "batch_size": qat.batch_size,
+            },
+            cache_dir=cache_dir() / "teacher-logits",
+            device=self.device,
+        )
 
     def _measure(
         self, model: nn.Module, plan: QuantPlan, measure: bool, timing: dict[str, float]
@@ -274,6 +321,43 @@ class SearchContext:
         return [r.to_dict() for r in results]
 
 
+def fitted_space(space: SearchSpace, layers: Sequence[Any]) -> SearchSpace:
+    """``space`` fitted to the model's layers (:class:`~autoquant.transform.LayerInfo` objects
+    or their stored dicts): see :func:`autoquant.space.fit_space`."""
+
+    def get(info: Any, key: str) -> Any:
+        return info.get(key, True) if isinstance(info, Mapping) else getattr(info, key)
+
+    return fit_space(
+        space,
+        float_inputs=[get(i, "name") for i in layers if not get(i, "quantizes_input")],
+        no_weights=[get(i, "name") for i in layers if not get(i, "quantizes_weight")],
+    )
+
+
+def _qat_record(
+    lr: float,
+    steps: int,
+    optimizer: str,
+    quant_lr: float | None,
+    distill: bool | None,
+    kd: Distillation | None,
+    run: dict[str, Any],
+) -> dict[str, Any]:
+    """The trial's ``qat`` record: searched values only when given (so that trials stored
+    before they existed still match their twins), then what the run did."""
+    out: dict[str, Any] = {"lr": lr, "steps": steps, "optimizer": optimizer}
+    if quant_lr is not None:
+        out["quant_lr"] = quant_lr
+    if distill is not None:
+        out["distill"] = distill
+    if kd is not None:
+        out["distillation"] = kd.to_dict()
+    if run:
+        out["run"] = run
+    return out
+
+
 def _subsample(values: list[float], n: int) -> list[float]:
     if len(values) <= n:
         return [float(v) for v in values]
@@ -305,4 +389,4 @@ def replay(
     import optuna
 
     plan, qat = ctx.plan_for(optuna.trial.FixedTrial(params))
-    return ctx.run_plan(plan, lr=qat["lr"], steps=qat["steps"], float_accuracy=float_accuracy)
+    return ctx.run_plan(plan, **qat, float_accuracy=float_accuracy)

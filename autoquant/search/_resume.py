@@ -30,7 +30,7 @@ from optuna.trial import FrozenTrial, TrialState
 from autoquant.space import SearchSpace, plan_from_trial, qat_params_from_trial
 from autoquant.types import PlanError
 
-from ._context import SearchContext
+from ._context import SearchContext, fitted_space
 from ._objectives import OBJECTIVES
 from ._optuna_compat import study_user_attrs
 from ._record import (
@@ -282,6 +282,7 @@ def _valid_params(
         or qat["steps"] != stored_qat.get("steps")
         or not math.isclose(qat["lr"], stored_qat.get("lr", math.nan), rel_tol=1e-12)
         or stored_qat.get("optimizer", spec.qat.optimizer) != spec.qat.optimizer
+        or any(qat[k] != stored_qat.get(k) for k in ("quant_lr", "distill") if k in qat)
     ):
         return None
     return params
@@ -325,6 +326,8 @@ def fork_study(
         )
     target = load_study(new_spec, storage)
     record = read_study_record(source)
+    # As a search fits it (embeddings, weightless layers), so that the fork resumes cleanly.
+    new_spec = replace(new_spec, space=fitted_space(new_spec.space, record.layers or []))
 
     # Study-level measurements first (latency cache, tables of other features), the
     # record last: its float baseline is what other workers poll for. Deployment checks

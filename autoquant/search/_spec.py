@@ -7,13 +7,14 @@ import os
 import re
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from autoquant.measure import BACKENDS
 from autoquant.space import SearchSpace
-from autoquant.train import OPTIMIZERS
+from autoquant.train import AUTOCAST, DEFAULT_QUANT_LR, OPTIMIZERS, Distillation
+from autoquant.train._compile import check_compile
 from autoquant.types import PlanError
 
 from ._objectives import OBJECTIVES, REQUIRED_OBJECTIVE, directions
@@ -71,7 +72,13 @@ def threads_problem(threads: int) -> str | None:
 
 @dataclass(frozen=True)
 class QATSettings:
-    """Calibration and quantization-aware fine-tuning settings of every trial."""
+    """Calibration and quantization-aware fine-tuning settings of every trial.
+
+    ``quant_lr`` is the relative learning rate of learned scales and zero-points (see
+    :func:`autoquant.train.qat_finetune`); ``distill`` distils from the float model (None:
+    not, unless the space searches ``distill``); ``compile`` is ``"auto"`` (compile on CUDA
+    only), True or False; ``autocast`` is None or ``"bf16"``.
+    """
 
     steps: int = 50
     lr: float = 1e-3
@@ -80,6 +87,10 @@ class QATSettings:
     calib_batches: int = 4
     calib_batch_size: int = 64
     eval_batch_size: int = 256
+    quant_lr: float = DEFAULT_QUANT_LR
+    distill: Distillation | None = None
+    compile: bool | str = "auto"
+    autocast: str | None = None
 
 
 @dataclass(frozen=True)
@@ -163,10 +174,7 @@ class StudySpec:
             elif isinstance(v, StrategySettings):
                 v = v.to_dict()
             elif isinstance(v, (QATSettings, LatencySettings)):
-                v = {
-                    g.name: (list(x) if isinstance(x := getattr(v, g.name), tuple) else x)
-                    for g in fields(v)
-                }
+                v = {g.name: _plain(getattr(v, g.name)) for g in fields(v)}
             elif isinstance(v, tuple):
                 v = list(v)
             elif isinstance(v, Mapping):
@@ -279,6 +287,46 @@ def _dataclass_from(path: str, table: str, cls: type, data: Any) -> Any:
     return cls(**kwargs)
 
 
+def _plain(value: Any) -> Any:
+    """A settings value as JSON: tuples as lists, :class:`Distillation` as its table."""
+    if isinstance(value, tuple):
+        return list(value)
+    return value.to_dict() if isinstance(value, Distillation) else value
+
+
+def _qat_settings(path: str, data: Any) -> QATSettings:
+    """``[qat]``: numbers as every table, then ``distill``, ``compile`` and ``autocast``."""
+    _check(path, "[qat]", data, dict)
+    plain = {k: v for k, v in data.items() if k not in ("distill", "compile", "autocast")}
+    qat = _dataclass_from(path, "qat", QATSettings, plain)
+    _check(path, "qat.optimizer", qat.optimizer, str, OPTIMIZERS)
+    extra: dict[str, Any] = {}
+    if "distill" in data:
+        try:
+            extra["distill"] = Distillation.from_dict(data["distill"])
+        except (TypeError, ValueError) as e:
+            raise StudyFileError(
+                f"{path}: [qat] {e} (e.g. distill = {{ alpha = 0.5, temperature = 4.0 }}}})"
+            ) from None
+    if "compile" in data:
+        try:
+            extra["compile"] = check_compile(data["compile"])
+        except ValueError:
+            raise StudyFileError(
+                f"{path}: qat.compile = {data['compile']!r} is not allowed; allowed values: "
+                "'auto', true, false"
+            ) from None
+    if "autocast" in data:
+        value = None if data["autocast"] in ("none", False) else data["autocast"]
+        if value not in AUTOCAST:
+            raise StudyFileError(
+                f"{path}: qat.autocast = {data['autocast']!r} is not allowed; allowed values: "
+                "'bf16', 'none'"
+            )
+        extra["autocast"] = value
+    return replace(qat, **extra)
+
+
 def _positive(path: str, key: str, value: float) -> None:
     if isinstance(value, float) and not math.isfinite(value):
         raise StudyFileError(
@@ -377,8 +425,7 @@ def study_spec_from_dict(data: Mapping[str, Any], path: str = "<study>") -> Stud
     except (PlanError, TypeError) as e:
         raise StudyFileError(f"{path}: [space]: {e}") from None
 
-    qat = _dataclass_from(path, "qat", QATSettings, data.get("qat", {}))
-    _check(path, "qat.optimizer", qat.optimizer, str, OPTIMIZERS)
+    qat = _qat_settings(path, data.get("qat", {}))
     latency = _dataclass_from(path, "latency", LatencySettings, data.get("latency", {}))
     # Any backend registered with autoquant.measure.register_backend (before loading).
     _check(path, "latency.backend", latency.backend, str, tuple(BACKENDS))

@@ -87,8 +87,7 @@ def make_objective(
             monitor = pruner.monitor(trial, plan, qat) if pruner is not None else None
             result = ctx.run_plan(
                 plan,
-                lr=qat["lr"],
-                steps=qat["steps"],
+                **qat,
                 float_accuracy=baseline.accuracy,
                 checkpoints=pruner.fidelities if pruner is not None else (),
                 on_checkpoint=monitor,

@@ -7,6 +7,7 @@ from autoquant.space._space import (
     ChoiceTrial,
     SearchSpace,
     baseline_params,
+    fit_space,
     plan_from_trial,
     qat_params_from_trial,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "ChoiceTrial",
     "SearchSpace",
     "baseline_params",
+    "fit_space",
     "plan_from_trial",
     "qat_params_from_trial",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
 from typing import Any, Protocol
 
@@ -425,3 +425,45 @@ def baseline_params(
     if len(space.adds) > 1:
         params["adds"] = "int8"
     return params
+
+
+def fit_space(
+    space: SearchSpace, float_inputs: Sequence[str] = (), no_weights: Sequence[str] = ()
+) -> SearchSpace:
+    """``space`` with the knobs that cannot apply fixed, so no trial spends a choice on them.
+
+    Layers whose input is never quantized (embeddings: the input is token ids) get an fp32
+    activation and layers without a weight (attention matmuls) an fp32 weight; the other
+    knobs of that side take their first choice. These overrides come after the user's, so
+    they win (the layer cannot do anything else).
+
+    Args:
+        space: the study's space.
+        float_inputs: names of layers that do not quantize their input.
+        no_weights: names of layers that have no weight.
+
+    Example:
+        >>> s = fit_space(SearchSpace(a_bits=(4, 8)), float_inputs=["emb"])
+        >>> s.knob_choices("emb")["a_bits"], s.knob_choices("fc")["a_bits"]
+        (('fp32',), (4, 8))
+    """
+    auto: dict[str, dict[str, Any]] = {}
+    for names, side in ((float_inputs, "a"), (no_weights, "w")):
+        for name in names:
+            choices = space.knob_choices(name)
+            knobs = auto.setdefault(fnmatch_escape(name), {})
+            for knob in KNOBS:
+                if knob.startswith(f"{side}_"):
+                    knobs[knob] = "fp32" if knob.endswith("_bits") else choices[knob][0]
+            knobs[f"{side}_learn"] = "none"
+    if not auto:
+        return space
+    overrides = {k: dict(v) for k, v in space.overrides.items()}
+    for pattern, knobs in auto.items():  # last, so that they win; a user's other knobs stay
+        overrides[pattern] = {**overrides.pop(pattern, {}), **knobs}
+    return replace(space, overrides=overrides)
+
+
+def fnmatch_escape(name: str) -> str:
+    """A pattern that matches exactly ``name`` (``[``, ``*``, ``?`` taken literally)."""
+    return "".join(f"[{c}]" if c in "[]*?" else c for c in name)
