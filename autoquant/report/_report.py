@@ -42,6 +42,7 @@ from autoquant.search import (
     output_folder,
     read_deployed_checks,
     read_record,
+    read_remeasurement,
     read_study_record,
 )
 
@@ -136,8 +137,12 @@ def _front_display(df: pd.DataFrame) -> pd.DataFrame:
             "size (KB)": [_num(v, ".2f") for v in df["size_kb"]],
             "size (B)": df["size_bytes"],
             "size / float": [_num(v, ".3f") for v in df["size_ratio"]],
-            "latency (ms)": [_num(v, ".4g") for v in df["latency_ms"]],
+            "latency (ms)": [
+                _num(v, ".4g") + (" (noisy)" if noisy else "")
+                for v, noisy in zip(df["latency_ms"], df["noisy"], strict=True)
+            ],
             "IQR (ms)": [_num(v, ".4g") for v in df["latency_iqr_ms"]],
+            "re-measured (ms)": [_num(v, ".4g") for v in df["remeasured_ms"]],
             "speed-up": [_num(v, ".2f") and _num(v, ".2f") + "×" for v in df["speedup"]],
             "baseline": df["baseline"],
             "per-layer plan": df["plan"],
@@ -252,6 +257,27 @@ def _status(study: optuna.Study) -> str | None:
         f"{c['running']} running): there is nothing to plot or recommend."
         + (" The failed trials and their reasons are listed at the end." if c["fail"] else "")
     )
+
+
+def _latency_note(study: optuna.Study, front: pd.DataFrame) -> str | None:
+    """What the reader must know about the front's latency figures, or None."""
+    again = read_remeasurement(study)
+    noisy = [int(n) for n, flag in zip(front["trial"], front["noisy"], strict=True) if flag]
+    text = ""
+    if again is not None:
+        text = (
+            f"Latency of the front re-measured at the end of the search ({again['when']}), "
+            f"interleaved with the float model (its drift between rounds: "
+            f"{100 * again['float_drift']:.0f} %)"
+            + ("; the machine's speed drifted: every figure is noisy" if again["drifted"] else "")
+            + ". The column 're-measured (ms)' holds the fresh figures."
+        )
+    if noisy:
+        text += (
+            f" Noisy latency figures (the machine was busy): trials {', '.join(map(str, noisy))}; "
+            "re-measure with `autoquant bench-latency` on a quiet machine before relying on them."
+        )
+    return text.strip() or None
 
 
 def _deployed_warnings(study: optuna.Study, trials: list[int]) -> list[str]:
@@ -391,13 +417,15 @@ def _write_report(
         table.to_csv(out / "sensitivity.csv", index=False)
     failed = _failed_frame(study)
     front_disp = _front_display(front)
-    if not (front_disp["deployed check"] != "").any():
-        front_disp = front_disp.drop(columns=["deployed check"])
+    for column in ("deployed check", "re-measured (ms)"):
+        if not (front_disp[column] != "").any():
+            front_disp = front_disp.drop(columns=[column])
     flagged = list(front["trial"]) + [r["trial"] for r in recos if r["trial"] is not None]
     context = {
         "facts": facts,
         "status": _status(study),
         "warnings": _deployed_warnings(study, flagged),
+        "latency_note": _latency_note(study, front),
         "recos": recos,
         "sens": sens,
         "prepass": None if table is None else _prepass_display(study, table),
@@ -460,6 +488,8 @@ def _html(study: optuna.Study, c: dict[str, Any], svgs: dict[str, str]) -> str:
             + "".join(f"<li>{e(w)}</li>" for w in c["warnings"])
             + "</ul></div>"
         )
+    if c["latency_note"]:
+        parts.append(f'<p class="muted" id="latency-note">{e(c["latency_note"])}</p>')
     parts.append("<h2>Pareto plots</h2>")
     for name in ("accuracy_size", "accuracy_latency", "size_latency"):
         parts.append(figure(name, e(PLOT_CAPTIONS[name])))
@@ -542,6 +572,8 @@ def _markdown(study: optuna.Study, c: dict[str, Any], drawn: set[str]) -> str:
     if c["warnings"]:
         lines += ["**Deployed models that failed their check:**", ""]
         lines += [f"- {_md(w)}" for w in c["warnings"]] + [""]
+    if c["latency_note"]:
+        lines += [_md(c["latency_note"]), ""]
     lines += ["## Pareto plots", ""]
     for name in ("accuracy_size", "accuracy_latency", "size_latency"):
         lines += figure(name, PLOT_CAPTIONS[name])

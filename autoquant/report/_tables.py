@@ -15,6 +15,7 @@ from autoquant.search import (
     pareto_front,
     read_deployed_checks,
     read_record,
+    read_remeasurement,
     read_study_record,
 )
 
@@ -36,7 +37,10 @@ def float_baseline_or_none(study: optuna.Study) -> FloatBaseline | None:
 
 
 def _row(
-    t: optuna.trial.FrozenTrial, baseline: FloatBaseline | None, check: dict[str, Any] | None
+    t: optuna.trial.FrozenTrial,
+    baseline: FloatBaseline | None,
+    check: dict[str, Any] | None,
+    again: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One trial's row; without a float baseline the stored drop and size ratio are used."""
     r = read_record(t)
@@ -57,6 +61,9 @@ def _row(
         "size_ratio": ratio,
         "latency_ms": r.latency_ms,
         "latency_iqr_ms": r.latency_iqr_ms,
+        # The end-of-search re-measurement (interleaved with float), when there is one.
+        "remeasured_ms": (again or {}).get("latency_ms"),
+        "noisy": bool(r.latency_noisy or (again or {}).get("noisy")),
         "speedup": speedup(r, baseline),
         "plan": _text(r.plan_summary),
         "qat_lr": r.qat_lr,
@@ -73,7 +80,8 @@ def _row(
 def _rows(study: optuna.Study, trials: list[optuna.trial.FrozenTrial]) -> list[dict[str, Any]]:
     baseline = float_baseline_or_none(study)
     checks = read_deployed_checks(study, trials)
-    return [_row(t, baseline, checks.get(t.number)) for t in trials]
+    again = (read_remeasurement(study) or {}).get("trials", {})
+    return [_row(t, baseline, checks.get(t.number), again.get(str(t.number))) for t in trials]
 
 
 def trials_frame(study: optuna.Study) -> pd.DataFrame:
@@ -98,6 +106,8 @@ def _row_columns() -> list[str]:
         "size_ratio",
         "latency_ms",
         "latency_iqr_ms",
+        "remeasured_ms",
+        "noisy",
         "speedup",
         "plan",
         "qat_lr",

@@ -49,12 +49,14 @@ from autoquant.search._record import (
     read_deployed_checks,
     read_float_baseline,
     read_record,
+    read_remeasurement,
     read_study_record,
     record_attrs,
     write_deployed_check,
     write_record,
     write_study_record,
 )
+from autoquant.search._remeasure import remeasure_front
 from autoquant.search._resume import (
     ForkResult,
     SpaceChangedError,
@@ -152,6 +154,8 @@ __all__ = [
     "param_distributions",
     "pareto_front",
     "read_deployed_checks",
+    "read_remeasurement",
+    "remeasure_front",
     "read_float_baseline",
     "read_record",
     "read_study_record",

@@ -124,6 +124,11 @@ class TrialRecord:
         return (self.latency or [{}])[0].get("iqr_ms")
 
     @property
+    def latency_noisy(self) -> bool:
+        """Whether any stored latency figure was flagged noisy when measured."""
+        return any(bool(entry.get("noisy")) for entry in self.latency or [])
+
+    @property
     def qat_lr(self) -> float | None:
         return (self.qat or {}).get("lr")
 
@@ -390,3 +395,27 @@ def twin_record(twin: TrialRecord, twin_number: int) -> TrialRecord:
         duplicate_of=twin_number,
         timing_s={"total": 0.0},
     )
+
+
+REMEASURED_KEY = "remeasured"  # study attribute: the front's latency re-measured at the end
+
+
+def write_remeasurement(study: optuna.Study, data: Mapping[str, Any]) -> None:
+    """Store the end-of-search re-measurement of the front (see
+    :func:`~autoquant.search.remeasure_front`); the latest replaces earlier ones."""
+    study.set_user_attr(REMEASURED_KEY, dict(data))
+
+
+def read_remeasurement(study: optuna.Study) -> dict[str, Any] | None:
+    """The stored re-measurement, or None. ``trials`` maps trial numbers (as strings) to
+    ``{"stored_ms", "latency_ms", "noisy"}``.
+
+    Example:
+        >>> import optuna
+        >>> study = optuna.create_study()
+        >>> write_remeasurement(study, {"trials": {"0": {"latency_ms": 0.2}}})
+        >>> read_remeasurement(study)["trials"]["0"]["latency_ms"]
+        0.2
+    """
+    data = study_user_attrs(study).get(REMEASURED_KEY)
+    return dict(data) if isinstance(data, Mapping) else None

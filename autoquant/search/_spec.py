@@ -103,6 +103,7 @@ class LatencySettings:
     warmup: int = 10
     repeats: int = 50
     budget_s: float = 2.0
+    remeasure_front: bool = True  # re-time the front interleaved with float at the end
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,7 @@ from ._liveness import (
 from ._locks import Beater, ClaimingAttrStore, Claims
 from ._progress import Progress
 from ._record import TrialRecord, read_record, write_record
+from ._remeasure import remeasure_front
 from ._resume import check_space_unchanged
 from ._runs import failure_limit, new_run_id, run_failures
 from ._signals import InfrastructureError, abandon_reason, sigterm_as_interrupt
@@ -141,6 +142,11 @@ def run_search(
             if progress:
                 bar = Progress(study, spec, budget)
             _work(study, objective, beater, claims, budget, bar, spec, run, deadline, driver)
+            if bar:
+                bar.close()
+                bar = None
+            if spec.latency.remeasure_front and "latency" in spec.objectives:
+                remeasure_front(study, ctx, claims)
     finally:
         claims.release_all()
         beater.close()
