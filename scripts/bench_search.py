@@ -63,7 +63,15 @@ MODES = {
 
 def run(spec: Any, mode: str, seed: int, seconds: float) -> dict[str, Any]:
     """One search; the feasible (accuracy, size) points with the second they completed at."""
-    spec = replace(MODES[mode](spec), seed=seed, name=f"{spec.name}-{mode}-{seed}", trials=None)
+    spec = replace(
+        MODES[mode](spec),
+        seed=seed,
+        name=f"{spec.name}-{mode}-{seed}",
+        trials=None,
+        timeout=seconds,
+        # The figures compared are accuracy and size: no end-of-run latency re-measure.
+        latency=replace(spec.latency, remeasure_front=False),
+    )
     ctx = SearchContext(spec)  # a fresh latency cache: every run pays its own measurements
     start = time.time()
     study = run_search(spec, storage="sqlite:///:memory:", ctx=ctx, progress=False, timeout=seconds)
