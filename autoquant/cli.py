@@ -2,8 +2,9 @@
 
 Exit codes (also in ``autoquant --help``): 0 done; 1 a search or worker stopped short of its
 budget because too many trials of this run failed (``best``: no trial qualifies); 2 bad
-input (study file, arguments, unknown study or trial, output folder); 3 reserved for
-infrastructure errors (a storage or disk that fails under us); 4 an export was written but
+input (study file, arguments, unknown study or trial, output folder); 3 the storage or disk
+failed under us (a database outage past the retries, a full or read-only disk); 4 an export
+was written but
 its deployed model failed its check; 130 interrupted (Ctrl-C or SIGTERM).
 
 One module of about 500 lines on purpose: the command's whole surface (the commands, the
@@ -345,11 +346,12 @@ examples:
   autoquant export studies/digits.toml --trial 3 --out export-trial3
 
 exit codes:
-  0    done (search/worker: the study has its budget of complete trials)
+  0    done (search/worker: the study's trial budget is judged, or the time budget is spent)
   1    search/worker stopped short: too many trials of this run failed (max(5, trials));
        best: no trial qualifies
   2    bad input: study file, arguments, unknown study or trial, output folder
-  3    reserved for infrastructure errors (storage or disk failing under us)
+  3    the storage or disk failed under us (database outage past the retries, full or
+       read-only disk); completed trials are kept, rerun to resume
   4    export written, but its deployed model failed its check (ONNX Runtime accuracy
        more than 0.5 points from the simulation, or a drop over the study's limit)
   130  interrupted (Ctrl-C or SIGTERM); completed trials are kept, rerun to resume"""
@@ -449,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="show Optuna's logs")
     sub = parser.add_subparsers(dest="command", required=True)
     fraction = _float_in(0.0, 1.0)
-    trials_help = "complete trials wanted, >= 1 (default: the study file's)"
+    trials_help = "trials to judge (complete or pruned), >= 1 (default: the study file's)"
 
     def study_cmd(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)

@@ -12,7 +12,8 @@ dequantized weight (the plan keeps its input, token ids, float)::
 
     register_deployment(
         nn.Embedding,
-        onnx=[OnnxOp("Gather", weight_input=0, data_input=1, bias_input=None)],
+        onnx=[OnnxOp("Gather", weight_input=0, data_input=1, bias_input=None, lookup=True)],
+        x86=_x86_embedding,
         integer_kernel=False,
     )
 

@@ -16,9 +16,10 @@ pruner, :mod:`autoquant.search._pruning`). Without it, the order and the results
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -29,7 +30,13 @@ from autoquant.measure import LatencyCache, measure_latencies
 from autoquant.space import SearchSpace, fit_space, plan_from_trial, qat_params_from_trial
 from autoquant.space._space import ChoiceTrial
 from autoquant.tasks import Task, TaskError, cache_dir, get_task
-from autoquant.train import Distillation, cached_teacher_logits, evaluate, qat_finetune
+from autoquant.train import (
+    Distillation,
+    cached_teacher_logits,
+    evaluate,
+    materialize_batches,
+    qat_finetune,
+)
 from autoquant.transform import (
     apply_plan,
     calibration,
@@ -45,6 +52,7 @@ from autoquant.types import PlanError, QuantPlan
 from ._record import TrialRecord, record_attrs
 from ._spec import StudyFileError, StudySpec
 
+MAX_CACHED_TRAIN_BYTES = 512 * 2**20  # a study's decoded QAT stream kept in memory
 _MAX_HISTORY = 200  # loss points kept per trial; longer histories are subsampled
 
 log = logging.getLogger("autoquant")
@@ -121,6 +129,7 @@ class SearchContext:
         self.calib = self.task.calib_batches(spec.qat.calib_batch_size)[: spec.qat.calib_batches]
         self.eval = self.task.eval_batches(spec.qat.eval_batch_size)
         self.latency_cache = latency_cache or LatencyCache()
+        self._train: list[Any] | None = None  # see train_batches
 
     # -- baseline ----------------------------------------------------------------------
 
@@ -213,7 +222,7 @@ class SearchContext:
         history = (
             qat_finetune(
                 model,
-                self.task.train_batches(spec.qat.batch_size, seed=spec.seed),
+                self.train_batches(steps),
                 self.task.loss_fn,
                 steps=steps,
                 lr=lr,
@@ -266,6 +275,21 @@ class SearchContext:
         values = {"accuracy": accuracy, "size": float(size), "latency": latencies[0]["median_ms"]}
         return TrialResult(model=model, plan=plan, values=values, record=record)
 
+    def train_batches(self, steps: int) -> Iterable[Any]:
+        """The study's QAT stream for ``steps`` steps, decoded once per process and reused.
+
+        Every trial sees the same batches (the stream is fixed by the seed), so they are kept
+        as a list (up to :data:`MAX_CACHED_TRAIN_BYTES`; a larger stream is decoded per trial).
+        """
+        if self._train is not None and len(self._train) >= steps:
+            return self._train[:steps]
+        stream = iter(self.task.train_batches(self.spec.qat.batch_size, seed=self.spec.seed))
+        first = next(stream)
+        if _nbytes(first) * steps > MAX_CACHED_TRAIN_BYTES:
+            return itertools.chain([first], stream)
+        self._train = [first, *materialize_batches(stream, steps - 1)] if steps > 1 else [first]
+        return self._train
+
     def teacher_logits(self, steps: int) -> torch.Tensor:
         """The float model's logits on the study's QAT stream, computed once per study.
 
@@ -276,7 +300,7 @@ class SearchContext:
         qat = self.spec.qat
         return cached_teacher_logits(
             self.float_model,
-            lambda: self.task.train_batches(qat.batch_size, seed=self.spec.seed),
+            lambda: self.train_batches(steps),
             steps=steps,
             stream={
                 "task": self.spec.task,
@@ -319,6 +343,15 @@ class SearchContext:
             calib_inputs=None if plan is None else [x for x, _ in self.calib],
         )
         return [r.to_dict() for r in results]
+
+
+def _nbytes(batch: Any) -> int:
+    """Bytes of the tensors in a batch (nested tuples and lists)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.nelement() * batch.element_size()
+    if isinstance(batch, (tuple, list)):
+        return sum(_nbytes(b) for b in batch)
+    return 0
 
 
 def fitted_space(space: SearchSpace, layers: Sequence[Any]) -> SearchSpace:

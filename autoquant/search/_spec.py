@@ -307,7 +307,7 @@ def _qat_settings(path: str, data: Any) -> QATSettings:
             extra["distill"] = Distillation.from_dict(data["distill"])
         except (TypeError, ValueError) as e:
             raise StudyFileError(
-                f"{path}: [qat] {e} (e.g. distill = {{ alpha = 0.5, temperature = 4.0 }}}})"
+                f"{path}: [qat] {e} (e.g. distill = {{ alpha = 0.5, temperature = 4.0 }})"
             ) from None
     if "compile" in data:
         try:

@@ -170,3 +170,14 @@ def test_an_embedding_gets_a_float_activation_without_an_override(tmp_path: Path
         plan = read_record(t).quant_plan
         assert plan.layers["emb"].activation.bits == "fp32"
         assert plan.layers["emb"].weight.bits == t.params["emb/w_bits"]
+
+
+def test_the_qat_stream_is_decoded_once_and_equals_a_fresh_stream() -> None:
+    ctx = SearchContext(_spec({}))
+    first = ctx.train_batches(5)
+    assert ctx.train_batches(3)[0][0] is first[0][0]  # reused, not decoded again
+    fresh = ctx.task.train_batches(ctx.spec.qat.batch_size, seed=ctx.spec.seed)
+    for (x, y), (fx, fy) in zip(first, fresh, strict=False):
+        torch.testing.assert_close(x, fx)
+        torch.testing.assert_close(y, fy)
+    assert len(ctx.train_batches(8)) == 8  # a longer request decodes more
