@@ -1,7 +1,7 @@
 """Optuna studies over per-layer quantization plans: spec, objective, runner, Pareto front.
 
-The code lives in private modules, one job each (see ``notes/search-structure.md`` for the
-map); every use of Optuna's internals is in ``_optuna_compat``.
+The code lives in private modules, one job each (the map is in the README's "Development:
+code structure"); every use of Optuna's internals is in ``_optuna_compat``.
 
 Example:
     >>> from autoquant.search import load_study_spec, read_record, run_search

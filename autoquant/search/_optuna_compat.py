@@ -279,7 +279,7 @@ def reset_session(study: optuna.Study) -> None:
 
     A no-op for storages without one. Note that ``study._storage`` is Optuna's cache wrapper
     around the RDB storage, which has no ``scoped_session`` of its own: kept as it was before
-    this module existed (see notes/search-structure.md).
+    this module existed.
     """
     session = getattr(study._storage, "scoped_session", None)
     if session is not None:

@@ -8,7 +8,8 @@ padded to one fixed length ``L`` so that latency shapes are static.
 
 The head is trained on the encoder's frozen features of the SST-2 train split (full-batch
 L-BFGS, the weight decay chosen on the dev split) and cached. A full fine-tune was measured
-and rejected: see ``notes/tasks.md``.
+and rejected (86.7 % test accuracy after ~25 CPU-minutes, against 81.5 % for the head in
+~2 CPU-minutes; BENCHMARKS.md).
 """
 
 from __future__ import annotations

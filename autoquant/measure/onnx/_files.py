@@ -8,8 +8,8 @@ artifact. :func:`artifact_weight_bytes` (the size objective) counts the packed b
 8-bit copies in ``model.onnx`` are size rows of role ``unpacked``, counted in neither
 :attr:`ExportInfo.weight_bytes` nor :attr:`ExportInfo.extra_bytes`.
 
-Why not ONNX INT4/UINT4 initializers (measured with ONNX Runtime 1.32, see
-``notes/onnx-passes.md``): ``DequantizeLinear`` reading INT4 runs, but ONNX Runtime then fuses
+Why not ONNX INT4/UINT4 initializers (measured with ONNX Runtime 1.32, see BENCHMARKS.md):
+``DequantizeLinear`` reading INT4 runs, but ONNX Runtime then fuses
 no integer kernel (float Conv/Gemm on dequantized weights); an INT4 initializer ``Cast`` to int8
 keeps the fused kernels, but needs opset 21 for the whole graph (the TorchScript exporter stops
 at 20, and ops such as ReduceMean changed since 17), stores 2- and 3-bit weights in 4 bits and
