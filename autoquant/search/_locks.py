@@ -21,7 +21,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import optuna
@@ -185,7 +185,7 @@ class Claims:
         released = []
         for study in self.storage.get_all_studies():
             name = study.study_name
-            if not name.startswith(prefix) or not process_gone(study.user_attrs.get("process")):
+            if not name.startswith(prefix) or not holder_gone(study.user_attrs):
                 continue
             try:
                 self.storage.delete_study(find_study(self.storage, name))
@@ -211,14 +211,14 @@ class Claims:
             except KeyError:
                 pass
 
-    def _marker(self, key: str) -> tuple[tuple[int, Any], Any] | None:
-        """The marker's (id, beat), and its holder's process; None when there is none."""
+    def _marker(self, key: str) -> tuple[tuple[int, Any], dict[str, Any]] | None:
+        """The marker's (id, beat), and its attributes; None when there is none."""
         try:
             sid = find_study(self.storage, self.marker_name(key))
             attrs = self.storage.get_study_user_attrs(sid)
         except KeyError:
             return None
-        return (sid, attrs.get("beat")), attrs.get("process")
+        return (sid, attrs.get("beat")), attrs
 
     def _take_over(self, key: str, sid: int, why: str) -> None:
         log.warning("the worker computing %s %s; taking over", key, why)
@@ -252,10 +252,10 @@ class Claims:
             found = self._marker(key)
             if found is None:  # released just now: look again
                 continue
-            marker, process = found
-            if process_gone(process):
-                pid = process.get("pid")
-                self._take_over(key, marker[0], f"(pid {pid} on this machine) is gone")
+            marker, attrs = found
+            if holder_gone(attrs):
+                who = attrs.get("owner", "a worker")
+                self._take_over(key, marker[0], f"({who}, this machine) is gone")
                 continue
             now = time.monotonic()
             if not logged:
@@ -270,6 +270,32 @@ class Claims:
                 log.warning("gave up waiting %.0f s for %s; computing it here", self.timeout_s, key)
                 return None
             time.sleep(self.poll_s)
+
+
+def holder_gone(attrs: Mapping[str, Any]) -> bool:
+    """Whether a claim marker's holder ran on this machine and is gone.
+
+    Its recorded process decides (:func:`~autoquant.search._liveness.process_gone`). A holder
+    killed between writing its ``owner`` (``host:pid``) and its process leaves the owner only:
+    gone when that pid no longer exists here.
+
+    Example:
+        >>> holder_gone({"owner": f"{socket.gethostname()}:{2**22 + 1}"}), holder_gone({})
+        (True, False)
+    """
+    process = attrs.get("process")
+    if process is not None:
+        return process_gone(process)
+    host, _, pid = str(attrs.get("owner", "")).rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        return False
+    return False
 
 
 class OptunaAttrStore:

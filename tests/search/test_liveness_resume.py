@@ -6,6 +6,8 @@ declared lost for beats missed while the database was down. (The whole story wit
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import subprocess
 import sys
 import time
@@ -152,6 +154,30 @@ def test_a_waiter_takes_a_dead_local_holders_claim_without_waiting(
     assert "waiting for another worker" not in caplog.text
     assert "is gone; taking over" in caplog.text
     waiter.release_all()
+
+
+def test_a_holder_killed_before_recording_its_process_is_known_gone_by_its_owner(
+    study: optuna.Study,
+) -> None:
+    # Killed between writing "owner" and "process" (seen in a full-suite run): the marker
+    # holds the owner only. A waiter and a rerun must not wait out the grace period for it.
+    storage = compat.storage_of(study)
+    key = "latency:k"
+    holder = Claims(storage, "s", beater=Beater(10.0))
+    sid = storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], holder.marker_name(key))
+    storage.set_study_user_attr(sid, "owner", f"{socket.gethostname()}:{_dead_pid()}")
+    waiter = Claims(storage, "s", beater=Beater(10.0), grace_s=600, timeout_s=600)
+    t0 = time.monotonic()
+    assert waiter.obtain(key, lambda: None) is None and waiter.held() == [key]
+    assert time.monotonic() - t0 < 5
+    waiter.release_all()
+    # The same for a rerun's release_dead; a live owner's marker stays.
+    sid = storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], holder.marker_name(key))
+    storage.set_study_user_attr(sid, "owner", f"{socket.gethostname()}:{_dead_pid()}")
+    live = holder.marker_name("live")
+    sid2 = storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], live)
+    storage.set_study_user_attr(sid2, "owner", f"{socket.gethostname()}:{os.getpid()}")
+    assert waiter.release_dead() == [key]
 
 
 # -- outages: no one is lost for the beats the database could not take --------------------------
