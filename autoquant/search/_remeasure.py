@@ -4,10 +4,9 @@ A trial's latency is measured when the trial runs, minutes apart from the others
 moment can misrank plans. Before the front is reported, :func:`remeasure_front` times every
 front plan again in rounds together with the float model
 (:func:`autoquant.measure.remeasure`), stores the fresh figures on the study
-(:func:`~autoquant.search.read_remeasurement`) and in the latency cache, and says which
-figures were noisy. Optuna keeps a finished trial's objective values; ``front`` and the report
-show the re-measured figure next to the stored one. Off with ``[latency] remeasure_front =
-false``.
+(:func:`~autoquant.search.read_remeasurement`) and says which figures were noisy. Optuna
+keeps a finished trial's objective values; ``front`` and the report show the re-measured
+figure next to the stored one. Off with ``[latency] remeasure_front = false``.
 """
 
 from __future__ import annotations
@@ -71,7 +70,8 @@ def remeasure_front(
             repeats=ls.repeats,
             budget_s=min(ls.budget_s, BUDGET_S),
             calib_inputs=[x for x, _ in ctx.calib],
-            cache=ctx.latency_cache,
+            # Not into the latency cache: later trials of the same graph must keep the figure
+            # their twins stored, so that one study's trials compare alike.
         )
         trials = {
             str(t.number): {

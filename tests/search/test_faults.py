@@ -293,7 +293,7 @@ def test_ctrl_c_fails_the_trial_in_flight_and_a_rerun_resumes(tmp_path: Path) ->
     f.write_text(
         GOOD.format(task="digits-cnn", space="a_bits = [4, 8]")
         .replace("trials = 2", "trials = 4")
-        .replace("steps = 5", "steps = 150")  # ~1 s trials: time to interrupt one
+        .replace("steps = 5", "steps = 400")  # ~2 s trials: time to interrupt one
         + "[strategy]\nprune = false\n"  # every trial completes: 4 complete after the rerun
     )
     env = {**os.environ, "AUTOQUANT_RUNS": str(tmp_path), "OMP_NUM_THREADS": "1"}
