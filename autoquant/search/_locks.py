@@ -21,7 +21,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import optuna
@@ -144,8 +144,10 @@ class Claims:
             self._held[key] = sid
             first = len(self._held) == 1
         try:
-            self.storage.set_study_user_attr(sid, "owner", self.owner)
+            # The process first: a holder killed after it is known gone at once by a rerun
+            # on this machine (process_gone); "owner" only names it in messages.
             self.storage.set_study_user_attr(sid, "process", this_process())
+            self.storage.set_study_user_attr(sid, "owner", self.owner)
         except KeyError:  # taken over already: treat it as lost
             with self._lock:
                 self._held.pop(key, None)
@@ -185,7 +187,7 @@ class Claims:
         released = []
         for study in self.storage.get_all_studies():
             name = study.study_name
-            if not name.startswith(prefix) or not holder_gone(study.user_attrs):
+            if not name.startswith(prefix) or not process_gone(study.user_attrs.get("process")):
                 continue
             try:
                 self.storage.delete_study(find_study(self.storage, name))
@@ -211,14 +213,14 @@ class Claims:
             except KeyError:
                 pass
 
-    def _marker(self, key: str) -> tuple[tuple[int, Any], dict[str, Any]] | None:
-        """The marker's (id, beat), and its attributes; None when there is none."""
+    def _marker(self, key: str) -> tuple[tuple[int, Any], Any] | None:
+        """The marker's (id, beat), and its holder's process; None when there is none."""
         try:
             sid = find_study(self.storage, self.marker_name(key))
             attrs = self.storage.get_study_user_attrs(sid)
         except KeyError:
             return None
-        return (sid, attrs.get("beat")), attrs
+        return (sid, attrs.get("beat")), attrs.get("process")
 
     def _take_over(self, key: str, sid: int, why: str) -> None:
         log.warning("the worker computing %s %s; taking over", key, why)
@@ -252,10 +254,10 @@ class Claims:
             found = self._marker(key)
             if found is None:  # released just now: look again
                 continue
-            marker, attrs = found
-            if holder_gone(attrs):
-                who = attrs.get("owner", "a worker")
-                self._take_over(key, marker[0], f"({who}, this machine) is gone")
+            marker, process = found
+            if process_gone(process):
+                pid = process.get("pid")
+                self._take_over(key, marker[0], f"(pid {pid} on this machine) is gone")
                 continue
             now = time.monotonic()
             if not logged:
@@ -270,32 +272,6 @@ class Claims:
                 log.warning("gave up waiting %.0f s for %s; computing it here", self.timeout_s, key)
                 return None
             time.sleep(self.poll_s)
-
-
-def holder_gone(attrs: Mapping[str, Any]) -> bool:
-    """Whether a claim marker's holder ran on this machine and is gone.
-
-    Its recorded process decides (:func:`~autoquant.search._liveness.process_gone`). A holder
-    killed between writing its ``owner`` (``host:pid``) and its process leaves the owner only:
-    gone when that pid no longer exists here.
-
-    Example:
-        >>> holder_gone({"owner": f"{socket.gethostname()}:{2**22 + 1}"}), holder_gone({})
-        (True, False)
-    """
-    process = attrs.get("process")
-    if process is not None:
-        return process_gone(process)
-    host, _, pid = str(attrs.get("owner", "")).rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, OverflowError):
-        return False
-    return False
 
 
 class OptunaAttrStore:

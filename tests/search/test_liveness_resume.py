@@ -6,8 +6,6 @@ declared lost for beats missed while the database was down. (The whole story wit
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -156,28 +154,46 @@ def test_a_waiter_takes_a_dead_local_holders_claim_without_waiting(
     waiter.release_all()
 
 
-def test_a_holder_killed_before_recording_its_process_is_known_gone_by_its_owner(
+def test_a_holder_killed_before_recording_its_owner_is_known_gone_by_its_process(
     study: optuna.Study,
 ) -> None:
-    # Killed between writing "owner" and "process" (seen in a full-suite run): the marker
-    # holds the owner only. A waiter and a rerun must not wait out the grace period for it.
+    # Killed between writing its process and its "owner" (a claim is two writes; a
+    # full-suite run once killed a worker between them): a waiter and a rerun must not
+    # wait out the grace period for it.
     storage = compat.storage_of(study)
     key = "latency:k"
     holder = Claims(storage, "s", beater=Beater(10.0))
+    dead = {**this_process(), "pid": _dead_pid()}
     sid = storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], holder.marker_name(key))
-    storage.set_study_user_attr(sid, "owner", f"{socket.gethostname()}:{_dead_pid()}")
+    storage.set_study_user_attr(sid, "process", dead)
     waiter = Claims(storage, "s", beater=Beater(10.0), grace_s=600, timeout_s=600)
     t0 = time.monotonic()
     assert waiter.obtain(key, lambda: None) is None and waiter.held() == [key]
     assert time.monotonic() - t0 < 5
     waiter.release_all()
-    # The same for a rerun's release_dead; a live owner's marker stays.
+    # The same for a rerun's release_dead; a live holder's marker stays.
     sid = storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], holder.marker_name(key))
-    storage.set_study_user_attr(sid, "owner", f"{socket.gethostname()}:{_dead_pid()}")
+    storage.set_study_user_attr(sid, "process", dead)
     live = holder.marker_name("live")
     sid2 = storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], live)
-    storage.set_study_user_attr(sid2, "owner", f"{socket.gethostname()}:{os.getpid()}")
+    storage.set_study_user_attr(sid2, "process", this_process())
     assert waiter.release_dead() == [key]
+
+
+def test_a_claim_records_its_process_before_its_owner(study: optuna.Study) -> None:
+    storage = compat.storage_of(study)
+    writes: list[str] = []
+    real = storage.set_study_user_attr
+
+    def record(sid: int, key: str, value: object) -> None:
+        writes.append(key)
+        real(sid, key, value)
+
+    storage.set_study_user_attr = record  # type: ignore[method-assign]
+    holder = Claims(storage, "s", beater=Beater(10.0))
+    assert holder.try_claim("k")
+    assert writes[:2] == ["process", "owner"]
+    holder.release_all()
 
 
 # -- outages: no one is lost for the beats the database could not take --------------------------
