@@ -124,7 +124,8 @@ class SearchContext:
         if excluded:
             log.warning(excluded)
         # Embeddings take token ids and attention matmuls have no weight: fix those knobs.
-        self.spec = spec = replace(spec, space=fitted_space(spec.space, self.layers))
+        fitted = fitted_space(spec.space, [vars(info) for info in self.layers])
+        self.spec = spec = replace(spec, space=fitted)
         self.searched = spec.space.select(self.layer_names)
         self.calib = self.task.calib_batches(spec.qat.calib_batch_size)[: spec.qat.calib_batches]
         self.eval = self.task.eval_batches(spec.qat.eval_batch_size)
@@ -354,17 +355,14 @@ def _nbytes(batch: Any) -> int:
     return 0
 
 
-def fitted_space(space: SearchSpace, layers: Sequence[Any]) -> SearchSpace:
-    """``space`` fitted to the model's layers (:class:`~autoquant.transform.LayerInfo` objects
-    or their stored dicts): see :func:`autoquant.space.fit_space`."""
-
-    def get(info: Any, key: str) -> Any:
-        return info.get(key, True) if isinstance(info, Mapping) else getattr(info, key)
-
+def fitted_space(space: SearchSpace, layers: Sequence[Mapping[str, Any]]) -> SearchSpace:
+    """``space`` fitted to the model's layers, as the study record stores them
+    (``vars(LayerInfo)``; older records lack the flags: True): see
+    :func:`autoquant.space.fit_space`."""
     return fit_space(
         space,
-        float_inputs=[get(i, "name") for i in layers if not get(i, "quantizes_input")],
-        no_weights=[get(i, "name") for i in layers if not get(i, "quantizes_weight")],
+        float_inputs=[i["name"] for i in layers if not i.get("quantizes_input", True)],
+        no_weights=[i["name"] for i in layers if not i.get("quantizes_weight", True)],
     )
 
 
