@@ -111,8 +111,9 @@ def main() -> None:
         float_model = task.model_factory().eval()
         evals = task.eval_batches(256)
         calib = task.calib_batches(64)[: args.calib_batches]
-        float_acc = evaluate(float_model, evals, device=args.device)
+        # Traced on the CPU before evaluate() moves the model to the device.
         layers = [i.name for i in quantizable_layers(float_model, task.example_input(1))]
+        float_acc = evaluate(float_model, evals, device=args.device)
         print(f"{args.task}: float accuracy {float_acc:.4f} on {args.eval_size} test images")
         for seed in args.seeds:
             t0 = time.perf_counter()

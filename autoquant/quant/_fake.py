@@ -41,6 +41,53 @@ class _FakeQuantSTE(torch.autograd.Function):
         return grad * mask, None, None, None, None
 
 
+def _with_grad_of(value: Tensor, g: Tensor) -> Tensor:
+    """``value`` exactly, with the gradient of ``g`` (``g - g.detach()`` is an exact 0)."""
+    return value.detach() + (g - g.detach())
+
+
+def fake_quantize_traced(x: Tensor, inv: Number, scale: Number, lo: Number, hi: Number) -> Tensor:
+    """:class:`_FakeQuantSTE` in plain differentiable ops, for compiled code.
+
+    Dynamo does not always carry a custom ``autograd.Function`` whose forward mutates its
+    temporaries and reads ``ctx.needs_input_grad`` (torch 2.11 on CUDA compiled it into a graph
+    that passed no gradient to the model's weights); plain ops give Inductor a graph it can
+    fuse and differentiate itself. Same values; the gradient is the same clip mask.
+    """
+    q = torch.round(x * inv)
+    qc = torch.clamp(q, lo, hi)
+    out = qc * scale
+    if not torch.is_grad_enabled():
+        return out
+    return out + torch.where(q == qc, x - x.detach(), 0.0)
+
+
+def fake_quantize_lsq_traced(
+    x: Tensor,
+    scale: Tensor,
+    zero_point: Number,
+    qmin: Number,
+    qmax: Number,
+    axis: int | None,
+    grad_factor: Number,
+) -> Tensor:
+    """:class:`_FakeQuantLSQ` in plain differentiable ops, for compiled code (see
+    :func:`fake_quantize_traced`). Same forward; the same LSQ/LSQ+ gradients by construction:
+    the round is straight-through for ``S``, the clamp bounds ``qmin - Z`` / ``qmax - Z``
+    carry ``Z``, and the gradient scale enters as an exact-zero term."""
+    s = along(scale.clamp_min(EPS), axis, x.ndim)
+    s = _with_grad_of(s, s * grad_factor)
+    z = _grid_zero_point(zero_point, qmin, qmax)
+    if isinstance(zero_point, Tensor) and zero_point.requires_grad:
+        z = _with_grad_of(along(z, axis, x.ndim), along(zero_point, axis, x.ndim) * grad_factor)
+    else:
+        z = along(z, axis, x.ndim)
+    xs = x.detach() * reciprocal_f32(s)  # the gradient path to S only
+    q = _with_grad_of(torch.round(xs), xs)
+    qc = torch.clamp(q, qmin - z, qmax - z)
+    return qc * s + torch.where(q == qc, x - x.detach(), 0.0)
+
+
 def _bounds(
     zero_point: Number, qmin: Number, qmax: Number, axis: int | None, ndim: int
 ) -> tuple[Number, Number]:
@@ -88,6 +135,8 @@ def fake_quantize(
     """
     inv = along(reciprocal_f32(scale), axis, x.ndim)
     lo, hi = _bounds(zero_point, qmin, qmax, axis, x.ndim)
+    if torch.compiler.is_compiling():
+        return fake_quantize_traced(x, inv, along(scale, axis, x.ndim), lo, hi)
     return _FakeQuantSTE.apply(x, inv, along(scale, axis, x.ndim), lo, hi)
 
 
@@ -206,4 +255,6 @@ def fake_quantize_lsq(
         return fake_quantize(x, scale.clamp_min(EPS), z, qmin, qmax, axis)  # type: ignore[arg-type]
     if grad_factor is None:
         grad_factor = lsq_grad_factor(x.numel(), scale.numel(), int(qmax))
+    if torch.compiler.is_compiling():
+        return fake_quantize_lsq_traced(x, scale, zero_point, qmin, qmax, axis, grad_factor)
     return _FakeQuantLSQ.apply(x, scale, zero_point, qmin, qmax, axis, grad_factor)

@@ -17,7 +17,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from autoquant.quant._fake import _FakeQuantSTE, fake_quantize_lsq, lsq_grad_factor
+from autoquant.quant._fake import (
+    _FakeQuantSTE,
+    fake_quantize_lsq,
+    fake_quantize_traced,
+    lsq_grad_factor,
+)
 from autoquant.quant._observers import Observer, make_observer
 from autoquant.quant._qparams import EPS, Number, along, qparams_from_range, reciprocal_f32
 from autoquant.types import QuantSpec
@@ -239,7 +244,7 @@ class FakeQuantize(nn.Module):
             )
         if compiling:
             inv, scale, lo, hi = (along(k, self._kaxis, x.ndim) for k in self.kernel.unbind(0))
-            return _FakeQuantSTE.apply(x, inv, scale, lo, hi)
+            return fake_quantize_traced(x, inv, scale, lo, hi)
         inv, scale, _, lo, hi = self._cached(x)
         return _FakeQuantSTE.apply(x, inv, scale, lo, hi)
 

@@ -9,6 +9,11 @@ in bits, symmetry, calibration, weight granularity or scale values reuse one gra
 change of structure - a layer left float, learned vs frozen qparams, int8 vs float adds -
 compiles again). Whether that pays on the CPU depends on the steps per trial and trials per
 process: ``scripts/bench_qat_overhead.py`` measures it; ``"auto"`` follows that measurement.
+
+Compiled code that runs but computes wrong gradients is worse than an error: torch 2.11 on
+CUDA once compiled a QAT graph that passed no gradient to the weights, and the run trained
+nothing without a word. So the first compiled training step is checked against an eager one
+(:func:`gradient_mismatch`); a mismatch falls back to eager like an error does.
 """
 
 from __future__ import annotations
@@ -43,6 +48,45 @@ def wants_compile(compile: bool | str, device: torch.device) -> bool:
     if compile == "auto":
         return device.type == "cuda"
     return bool(compile)
+
+
+#: Below this cosine similarity of the whole gradient, compiled and eager steps disagree. Not
+#: tight: dropout draws other masks in compiled code, and bf16 rounds differently.
+MIN_GRAD_COSINE = 0.5
+
+
+def gradient_mismatch(model: nn.Module, eager: dict[str, torch.Tensor | None]) -> str | None:
+    """Why the gradients now in ``model`` disagree with ``eager`` (name -> gradient), or None.
+
+    They disagree when a parameter with a non-zero eager gradient has none (or only zeros), a
+    gradient is not finite where the eager one is, or the cosine similarity of all gradients
+    together is below :data:`MIN_GRAD_COSINE`.
+
+    Example:
+        >>> net = nn.Linear(2, 1)
+        >>> net(torch.ones(1, 2)).sum().backward()
+        >>> ref = {n: p.grad.clone() for n, p in net.named_parameters()}
+        >>> gradient_mismatch(net, ref) is None
+        True
+        >>> net.weight.grad = None
+        >>> gradient_mismatch(net, ref)
+        'no gradient for weight'
+    """
+    dot = norm_a = norm_b = 0.0
+    for name, p in model.named_parameters():
+        ref = eager.get(name)
+        if ref is None or not bool(ref.any()):
+            continue
+        got = p.grad
+        if got is None or not bool(got.any()):
+            return f"no gradient for {name}"
+        if bool(ref.isfinite().all()) and not bool(got.isfinite().all()):
+            return f"non-finite gradient for {name}"
+        a, b = ref.double().flatten(), got.double().flatten()
+        dot, norm_a, norm_b = dot + float(a @ b), norm_a + float(a @ a), norm_b + float(b @ b)
+    if norm_a > 0 and dot / max((norm_a * norm_b) ** 0.5, 1e-300) < MIN_GRAD_COSINE:
+        return f"gradient cosine similarity {dot / (norm_a * norm_b) ** 0.5:.2f} with eager"
+    return None
 
 
 _FX_CLASSES: dict[str, type[nn.Module]] = {}
@@ -99,6 +143,7 @@ class CompiledRunner:
             self._compiled = torch.compile(model)
         self.fallback: str | None = None
         self._graphs_before = compiled_graphs() if enabled else 0
+        self._checked = False
 
     @property
     def compiled(self) -> bool:
@@ -113,19 +158,37 @@ class CompiledRunner:
         """``work(forward)``; if it raises while compiled, warn, record, and redo it eagerly.
 
         ``work`` must be safe to redo (e.g. it clears gradients first). An error that is not
-        the compiler's also surfaces from the eager retry.
+        the compiler's also surfaces from the eager retry. The first ``work`` that leaves
+        gradients is also run eagerly first, and compiled gradients that disagree
+        (:func:`gradient_mismatch`) fall back too, keeping the eager result.
         """
         if self._compiled is None:
             return work(self._eager_forward)
+        eager: dict[str, torch.Tensor | None] | None = None
+        if not self._checked and torch.is_grad_enabled():
+            self._checked = True
+            eager_value = work(self._eager_forward)
+            eager = {n: p.grad for n, p in self.model.named_parameters()}
+            if not any(g is not None for g in eager.values()):  # work leaves no gradients
+                eager = None
         try:
-            return work(self.forward)
+            value = work(self.forward)
         except NonFiniteLossError:  # a training outcome, not the compiler's
             raise
         except Exception as e:
-            self.fallback = f"{type(e).__name__}: {e}"[:500]
-            self._compiled = None
-            log.warning("torch.compile failed, running eagerly from now on: %s", self.fallback)
+            self._fall_back(f"{type(e).__name__}: {e}")
             return work(self._eager_forward)
+        if eager is not None and (why := gradient_mismatch(self.model, eager)) is not None:
+            self._fall_back(f"compiled gradients disagree with eager: {why}")
+            for n, p in self.model.named_parameters():
+                p.grad = eager[n]
+            return eager_value
+        return value
+
+    def _fall_back(self, why: str) -> None:
+        self.fallback = why[:500]
+        self._compiled = None
+        log.warning("torch.compile failed, running eagerly from now on: %s", self.fallback)
 
     def _eager_forward(self, inputs: Inputs) -> Any:
         return call_model(self.model, inputs)

@@ -27,7 +27,7 @@ GRID_IDS = [s.short() for s in GRIDS]
 
 
 @pytest.mark.parametrize("spec", GRIDS, ids=GRID_IDS)
-def test_per_tensor_matches_torch(spec: QuantSpec, device: str) -> None:
+def test_per_tensor_matches_torch(spec: QuantSpec, device: str, fq_path: str) -> None:
     qmin, qmax = spec.qrange
     x = (torch.randn(4, 3, 5, 5, device=device) * 2).requires_grad_()
     ref_x = x.detach().clone().requires_grad_()
@@ -58,7 +58,7 @@ def test_per_tensor_float_params_match_tensor_params(spec: QuantSpec) -> None:
 
 @pytest.mark.parametrize("axis", [0, 1, 3])
 @pytest.mark.parametrize("spec", GRIDS, ids=GRID_IDS)
-def test_per_channel_matches_torch(spec: QuantSpec, axis: int, device: str) -> None:
+def test_per_channel_matches_torch(spec: QuantSpec, axis: int, device: str, fq_path: str) -> None:
     qmin, qmax = spec.qrange
     x = (torch.randn(4, 6, 3, 5, device=device) * 2).requires_grad_()
     ref_x = x.detach().clone().requires_grad_()

@@ -18,7 +18,7 @@ def _lsq_plus(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: int, qmax
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_lsq_plus_per_tensor_matches_torch_learnable(bits: int) -> None:
+def test_lsq_plus_per_tensor_matches_torch_learnable(bits: int, fq_path: str) -> None:
     qmin, qmax = QuantSpec(bits=bits, symmetric=False).qrange
     x = torch.randn(600) * 2 + 0.5
     s, z = torch.tensor(4.0 / qmax), torch.tensor(qmax * 0.37)  # non-integer zero-point
@@ -37,7 +37,7 @@ def test_lsq_plus_per_tensor_matches_torch_learnable(bits: int) -> None:
 
 
 @pytest.mark.parametrize("axis", [0, 1])
-def test_lsq_plus_per_channel_matches_torch_learnable(axis: int) -> None:
+def test_lsq_plus_per_channel_matches_torch_learnable(axis: int, fq_path: str) -> None:
     qmin, qmax = 0, 15
     x = torch.randn(6, 5, 4, 3) * 2
     c = x.shape[axis]

@@ -13,7 +13,7 @@ from torch import nn
 
 from autoquant.tasks import get_task
 from autoquant.train import compiled_graphs, evaluate, qat_finetune
-from autoquant.train._compile import share_fx_class
+from autoquant.train._compile import gradient_mismatch, share_fx_class
 from autoquant.transform import (
     apply_plan,
     calibration,
@@ -160,6 +160,40 @@ def test_a_failing_compile_falls_back_to_eager_with_the_same_result(
     assert fallen[0] == eager[0] and fallen[1] == eager[1]  # the failed step was redone eagerly
     assert fallen[2]["requested"] and not fallen[2]["used"]
     assert fallen[2]["fallback"] == f"RuntimeError: {where} codegen failed"
+
+
+def test_compiled_gradients_that_disagree_with_eager_fall_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Compiled code that runs but passes no gradient to the weights (as torch 2.11 on CUDA
+    did) is caught on the first step: that step keeps the eager gradients, the rest runs
+    eagerly, so the run equals an eager one."""
+
+    def silent_compile(model: nn.Module, **kwargs: object):
+        return lambda x: model(x).detach() + model.fc.bias  # only the head's bias learns
+
+    model = _Net().eval()
+    plan = _plans(True)[1]
+    eager = _trial(model, plan, compile=False, steps=3)
+    monkeypatch.setattr(torch, "compile", silent_compile)
+    fallen = _trial(model, plan, compile=True, steps=3)
+    assert fallen[0] == eager[0] and fallen[1] == eager[1]
+    assert fallen[2]["requested"] and not fallen[2]["used"]
+    assert fallen[2]["fallback"].startswith("compiled gradients disagree with eager: no gradient")
+
+
+def test_gradient_mismatch_tolerates_noise_and_flags_a_wrong_direction() -> None:
+    net = nn.Linear(4, 2)
+    net(torch.randn(3, 4)).sum().backward()
+    ref = {n: p.grad.clone() for n, p in net.named_parameters()}
+    for p in net.parameters():  # bf16-sized rounding noise: still the same gradient
+        p.grad = p.grad.to(torch.bfloat16).float()
+    assert gradient_mismatch(net, ref) is None
+    for p in net.parameters():
+        p.grad = -p.grad
+    assert gradient_mismatch(net, ref) == "gradient cosine similarity -1.00 with eager"
+    net.bias.grad = torch.full_like(net.bias, float("nan"))
+    assert gradient_mismatch(net, ref) == "non-finite gradient for bias"
 
 
 @pytest.mark.slow
