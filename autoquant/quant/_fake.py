@@ -3,8 +3,8 @@
 Both functions are our own ``torch.autograd.Function``s in eager mode and plain differentiable
 ops under ``torch.compile`` (``fake_quantize_traced``, ``fake_quantize_lsq_traced``: same
 values and gradients); ``torch.fake_quantize_*`` serve only as the independent reference in
-the tests. The forward is written for few kernels because the
-activation fake-quant runs on every QAT step: with the zero-point folded into the clamp bounds,
+the tests. The eager forward is written for few kernels because the activation fake-quant
+runs on every QAT step: with the zero-point folded into the clamp bounds,
 ``clamp(round(x/S) + Z, qmin, qmax) - Z == clamp(round(x/S), qmin - Z, qmax - Z)``, so one
 multiply, one in-place round, one clamp, one in-place compare (the STE mask, only when a
 gradient is needed) and one in-place multiply do the whole job; the backward is one multiply.
