@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _studies import tiny_study
 
 from autoquant.cli import main
 from autoquant.measure import LatencyCache
@@ -26,32 +27,12 @@ from autoquant.search import (
 
 pytestmark = pytest.mark.slow
 
-STUDY = """
-[study]
-name = "tinyexp"
-trials = 2
-[task]
-name = "cli_tiny_task:tiny_task"
-[space]
-w_bits = [4, 8]
-[qat]
-steps = 3
-calib_batches = 1
-batch_size = 32
-[latency]
-warmup = 1
-repeats = 3
-budget_s = 0.05
-[constraint]
-max_accuracy_drop = 0.05
-"""
-
 
 @pytest.fixture(scope="module")
 def study_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     root = tmp_path_factory.mktemp("cli-export")
     f = root / "tinyexp.toml"
-    f.write_text(STUDY)
+    f.write_text(tiny_study("tinyexp"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("AUTOQUANT_RUNS", str(root / "runs"))
         assert main(["search", str(f), "-q"]) == 0

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from _studies import tiny_study
 from optuna.trial import TrialState
 
 from autoquant.cli import main
@@ -26,27 +27,6 @@ from autoquant.search._optuna_compat import study_user_attrs
 
 pytestmark = pytest.mark.slow
 
-STUDY = """
-[study]
-name = "tiny"
-trials = {trials}
-[task]
-name = "cli_tiny_task:tiny_task"
-options = {{ broken_flag = "{flag}" }}
-[space]
-w_bits = {w_bits}
-[qat]
-steps = 3
-calib_batches = 1
-batch_size = 32
-[latency]
-warmup = 1
-repeats = 3
-budget_s = 0.05
-[constraint]
-max_accuracy_drop = 0.05
-"""
-
 
 @pytest.fixture
 def make_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -55,7 +35,8 @@ def make_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     def make(trials: int = 2, w_bits: str = "[4, 8]") -> Path:
         f = tmp_path / "tiny.toml"
         flag = tmp_path / "broken"
-        f.write_text(STUDY.format(trials=trials, flag=flag, w_bits=w_bits))
+        options = f'{{ broken_flag = "{flag}" }}'
+        f.write_text(tiny_study("tiny", trials=trials, w_bits=w_bits, options=options))
         return f
 
     return make

@@ -13,6 +13,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import optuna
 import pytest
+from _studies import digits_study
 
 from autoquant.cli import main
 from autoquant.search import mask_password, open_storage
@@ -90,27 +91,6 @@ def _password_url(tmp_path: Path) -> tuple[str, str]:
     return f"sqlite:///file:{tmp_path / 'pw.db'}?password={quote(SECRET, safe='')}&uri=true", SECRET
 
 
-STUDY = """
-[study]
-name = "{name}"
-trials = 2
-seed = 0
-storage = "{url}"
-[task]
-name = "digits-cnn"
-[space]
-w_bits = [4, 8]
-a_bits = [8]
-[qat]
-steps = 2
-calib_batches = 1
-[latency]
-warmup = 1
-repeats = 3
-budget_s = 0.05
-"""
-
-
 @pytest.mark.slow
 def test_search_worker_front_and_report_never_show_a_query_password(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
@@ -120,7 +100,7 @@ def test_search_worker_front_and_report_never_show_a_query_password(
     forms = {password, quote(password, safe="")}
     name = f"pw-{os.getpid()}-{tmp_path.name[-6:]}".replace("_", "-")
     f = tmp_path / "study.toml"
-    f.write_text(STUDY.format(name=name, url=url))
+    f.write_text(digits_study(name, storage=url, fast_latency=True))
     out = tmp_path / "report"
     assert main(["-v", "search", str(f), "-q"]) == 0
     assert main(["-v", "worker", str(f), "--storage", url, "-q"]) == 0

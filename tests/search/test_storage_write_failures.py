@@ -15,27 +15,13 @@ from typing import Any
 import optuna
 import pytest
 import torch
+from _studies import digits_study
 from optuna.trial import TrialState
 
 from autoquant.cli import main
 from autoquant.search import SearchContext, run_search, study_spec_from_dict
 from autoquant.search._guard import StorageGuard
 from autoquant.search._optuna_compat import GuardedStorage
-
-STUDY = """
-[study]
-name = "ro"
-trials = 2
-seed = 0
-[task]
-name = "digits-cnn"
-[space]
-w_bits = [4, 8]
-a_bits = [8]
-[qat]
-steps = 2
-calib_batches = 1
-"""
 
 
 class FastContext(SearchContext):
@@ -49,7 +35,7 @@ class FastContext(SearchContext):
 def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder with a finished study (study.toml, ro/study.db)."""
     folder = tmp_path_factory.mktemp("ro")
-    (folder / "study.toml").write_text(STUDY)
+    (folder / "study.toml").write_text(digits_study("ro"))
     torch.set_num_threads(1)
     os.environ["AUTOQUANT_RUNS"] = str(folder)
     try:
