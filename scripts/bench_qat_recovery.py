@@ -4,7 +4,8 @@ ResNet-20 on the JPEG CIFAR-10 copy (task ``cifar10-resnet20``), the study's QAT
 (Adam, lr 2e-5, batch 64, 4 calibration batches, residual adds on int8), the first conv and the
 classifier at w8a8 as in ``studies/cifar10_resnet20.toml``. Plans for the other 18 convs:
 
-* ``w8a8``, ``w4a8``, ``w4a4``: uniform (weights per-channel symmetric, activations asymmetric);
+* ``w8a8``, ``w4a8``, ``w4a4``: uniform (weights per-channel symmetric, calibrated by
+  ``--w-calib``: MSE by default, as in a search space; activations asymmetric, min/max);
 * ``mixed``: stage 1 w4a4, stage 2 w3a4, stage 3 w2a4.
 
 Each plan is trained with the same data stream, steps and seed four ways:
@@ -54,9 +55,11 @@ EDGE = ("conv1", "linear")  # fixed at w8a8, as in studies/cifar10_resnet20.toml
 MIXED = {"layer1.": (4, 4), "layer2.": (3, 4), "layer3.": (2, 4)}
 
 
-def layer_plan(w_bits: int, a_bits: int, learned: bool) -> LayerPlan:
+def layer_plan(w_bits: int, a_bits: int, learned: bool, w_calib: str) -> LayerPlan:
     return LayerPlan(
-        QuantSpec(bits=w_bits, granularity="per_channel", learned_scale=learned),
+        QuantSpec(
+            bits=w_bits, granularity="per_channel", calibration=w_calib, learned_scale=learned
+        ),
         QuantSpec(
             bits=a_bits,
             symmetric=False,
@@ -67,7 +70,7 @@ def layer_plan(w_bits: int, a_bits: int, learned: bool) -> LayerPlan:
     )
 
 
-def make_plan(name: str, layers: list[str], learned: bool) -> QuantPlan:
+def make_plan(name: str, layers: list[str], learned: bool, w_calib: str) -> QuantPlan:
     out = {}
     for layer in layers:
         if layer in EDGE:
@@ -76,7 +79,7 @@ def make_plan(name: str, layers: list[str], learned: bool) -> QuantPlan:
             bits = next(b for prefix, b in MIXED.items() if layer.startswith(prefix))
         else:
             bits = (int(name[1]), int(name[3]))
-        out[layer] = layer_plan(*bits, learned=learned)
+        out[layer] = layer_plan(*bits, learned, w_calib)
     adds = QuantSpec(bits=8, symmetric=False, learned_scale=learned, learned_zero_point=learned)
     return QuantPlan(out, adds=adds)
 
@@ -93,6 +96,7 @@ def main() -> None:
     ap.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--calib-batches", type=int, default=4)
+    ap.add_argument("--w-calib", default="mse", help="weight calibration (the space default)")
     ap.add_argument("--quant-lr", type=float, default=DEFAULT_QUANT_LR)
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--temperature", type=float, default=4.0)
@@ -139,7 +143,7 @@ def main() -> None:
                     for variant in args.variants:
                         learned = variant in ("lsq", "both")
                         use_kd = variant in ("distill", "both")
-                        plan = make_plan(plan_name, layers, learned)
+                        plan = make_plan(plan_name, layers, learned, args.w_calib)
                         torch.manual_seed(seed)
                         t = time.perf_counter()
                         q = apply_plan(float_model, plan).to(args.device)

@@ -12,6 +12,8 @@ Each run is a fresh in-memory study of a shipped study file with a wall-clock ``
   ``[strategy]`` existed);
 * ``default``: TPE with the sensitivity pre-pass, solver proposals and pruning (the study
   file's ``[strategy]``: the defaults, with the shipped studies' small adjustments).
+* ``default-minmax``: ``default`` with min/max weight calibration (``w_calib``'s default
+  before MSE); it runs for T too.
 
 ``default`` runs for T; ``tpe`` and ``random`` run for ``--factor`` × T (3 by default), so one
 run gives their curve at T, 2T and 3T. The constrained hypervolume (feasible trials only,
@@ -58,6 +60,8 @@ MODES = {
     "random": lambda spec: replace(spec, sampler="random", strategy=OFF),
     "tpe": lambda spec: replace(spec, strategy=OFF),
     "default": lambda spec: spec,  # the study file's [strategy] (the shipped ones: defaults)
+    # The default with min/max weight calibration (the space default before MSE).
+    "default-minmax": lambda spec: replace(spec, space=replace(spec.space, w_calib=("minmax",))),
 }
 
 
@@ -132,6 +136,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10.0, help="T, the default's budget")
     parser.add_argument("--factor", type=float, default=3.0, help="tpe/random run factor × T")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds run from this one")
     parser.add_argument("--modes", default="default,tpe,random")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for QAT")
     parser.add_argument("--qat-steps", type=int, help="override [qat] steps")
@@ -153,13 +158,14 @@ def main() -> None:
         if args.held_out is not None:
             spec = replace(spec, strategy=replace(spec.strategy, held_out=args.held_out))
         for mode in modes:
-            seconds = T if mode == "default" else args.factor * T
-            for seed in range(args.seeds):
+            seconds = T if mode.startswith("default") else args.factor * T
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 print(f"{name} {mode} seed {seed}: {seconds:.0f} s ...", flush=True)
                 results.setdefault((name, mode), []).append(run(spec, mode, seed, seconds))
 
     checkpoints = {
         "default": [T / 3, 2 * T / 3, T],
+        "default-minmax": [T / 3, 2 * T / 3, T],
         **{m: [k * T for k in range(1, int(args.factor) + 1)] for m in ("tpe", "random")},
     }
     print(
@@ -214,7 +220,7 @@ def _plot(
         for (task, mode), runs in results.items():
             if task != name:
                 continue
-            end = T if mode == "default" else factor * T
+            end = T if mode.startswith("default") else factor * T
             grid = np.linspace(0, end, 60)
             curves = np.array([[hv_at(r, s) for s in grid] for r in runs])
             ax.plot(grid / 60, np.median(curves, axis=0), color=colors.get(mode), label=mode)

@@ -20,6 +20,7 @@ from autoquant.quant._observers import (
     MSEObserver,
     Observer,
     PercentileObserver,
+    clear_weight_range_cache,
     make_observer,
 )
 from autoquant.quant._qparams import (
@@ -39,6 +40,7 @@ __all__ = [
     "MovingAverageObserver",
     "Observer",
     "PercentileObserver",
+    "clear_weight_range_cache",
     "constrain_quantizers_",
     "dequantize",
     "fake_quantize",

@@ -18,12 +18,18 @@ State kept across batches:
   best clip is a small fraction of the observed range.
 
 For weights (``for_weight=True``) ``update`` replaces the state: the tensor is the same at
-every calibration batch, so observing it once or ten times gives the same range.
+every calibration batch, so observing it once or ten times gives the same range. A weight's
+range depends only on its values and the spec, and every trial of a search calibrates the same
+float weights: the histogram and MSE methods keep their weight ranges in a process-wide cache
+keyed by both (a hash of the bytes), so a trial does not repeat a search over clip ranges that
+an earlier trial or the sensitivity pre-pass did (MiniLM: 4 s of a trial).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections import OrderedDict
 from typing import ClassVar
 
 import torch
@@ -41,10 +47,31 @@ def _groups(x: Tensor, axis: int | None) -> Tensor:
     return x.movedim(axis, 0).reshape(x.shape[axis], -1)
 
 
-def _fq_eval(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
-    """Fake-quant without autograd, parameters already broadcastable to ``x``."""
-    q = torch.round(x * torch.reciprocal(scale))
-    return torch.clamp(q, qmin - zero_point, qmax - zero_point).mul_(scale)
+_WeightKey = tuple[object, ...]
+# Weight ranges by (observer class, spec, shape, dtype, hash of the values); evicted oldest
+# first past WEIGHT_RANGE_CACHE_BYTES of cached ranges.
+_WEIGHT_RANGES: OrderedDict[_WeightKey, tuple[Tensor, Tensor]] = OrderedDict()
+WEIGHT_RANGE_CACHE_BYTES = 64 << 20
+
+
+def clear_weight_range_cache() -> None:
+    """Forget every cached weight range (the cache is exact; this only frees its memory)."""
+    _WEIGHT_RANGES.clear()
+
+
+def _weight_key(obs: Observer, x: Tensor) -> _WeightKey:
+    data = x.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+    spec = obs.spec.replace(learned_scale=False, learned_zero_point=False)
+    digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+    return (type(obs), spec, tuple(x.shape), str(x.dtype), digest)
+
+
+def _cache_weight_range(key: _WeightKey, lo: Tensor, hi: Tensor) -> None:
+    _WEIGHT_RANGES[key] = (lo.detach().cpu().clone(), hi.detach().cpu().clone())
+    total = sum(a.nbytes + b.nbytes for a, b in _WEIGHT_RANGES.values())
+    while total > WEIGHT_RANGE_CACHE_BYTES and len(_WEIGHT_RANGES) > 1:
+        a, b = _WEIGHT_RANGES.popitem(last=False)[1]
+        total -= a.nbytes + b.nbytes
 
 
 class Observer:
@@ -64,6 +91,7 @@ class Observer:
     """
 
     method: ClassVar[CalibrationMethod]
+    caches_weights: ClassVar[bool] = True  # False where computing is cheaper than hashing
 
     def __init__(self, spec: QuantSpec, *, for_weight: bool = False) -> None:
         if spec.is_float:
@@ -87,6 +115,8 @@ class Observer:
         self.batches = 0
         self.min_val: Tensor | None = None
         self.max_val: Tensor | None = None
+        self._weight_key: _WeightKey | None = None
+        self._device = torch.device("cpu")
         self._reset()
 
     @property
@@ -104,6 +134,12 @@ class Observer:
             return
         if self.for_weight:
             self.reset()
+            if self.caches_weights:
+                self._weight_key = _weight_key(self, x)
+                self._device = x.device
+                if self._weight_key in _WEIGHT_RANGES:  # computed before: no statistics needed
+                    self.batches = 1
+                    return
         g = _groups(x, self.axis)
         bmin, bmax = torch.aminmax(g, dim=1)
         self._update(g, bmin, bmax)
@@ -118,8 +154,15 @@ class Observer:
                 f"{type(self).__name__} has observed no data; feed at least one "
                 "batch during calibration"
             )
-        lo, hi = self._compute()
-        lo, hi = lo.float(), hi.float()
+        key = self._weight_key
+        if key is not None and key in _WEIGHT_RANGES:
+            _WEIGHT_RANGES.move_to_end(key)
+            lo, hi = (t.to(self._device, copy=True) for t in _WEIGHT_RANGES[key])
+        else:
+            lo, hi = self._compute()
+            lo, hi = lo.float(), hi.float()
+            if key is not None:
+                _cache_weight_range(key, lo, hi)
         if self.axis is None:
             return lo.reshape(()), hi.reshape(())
         return lo, hi
@@ -142,6 +185,7 @@ class MinMaxObserver(Observer):
     """Running minimum and maximum over all batches."""
 
     method = CalibrationMethod.MINMAX
+    caches_weights = False
 
     def _compute(self) -> tuple[Tensor, Tensor]:
         assert self.min_val is not None and self.max_val is not None
@@ -155,6 +199,7 @@ class MovingAverageObserver(Observer):
     """
 
     method = CalibrationMethod.MOVING_AVERAGE
+    caches_weights = False
 
     def _reset(self) -> None:
         self.avg_min: Tensor | None = None
@@ -452,7 +497,7 @@ class MSEObserver(Observer):
 
     method = CalibrationMethod.MSE
     sample_cap: ClassVar[int] = 1 << 16
-    max_cells: ClassVar[int] = 1 << 22  # candidates x elements evaluated at once
+    block_cells: ClassVar[int] = 1 << 18  # CPU: candidates x elements evaluated at once
 
     def _reset(self) -> None:
         self.samples: Tensor | None = None
@@ -478,19 +523,29 @@ class MSEObserver(Observer):
         self.samples = torch.cat([old[:, keep_old], g[:, keep_new]], 1)
 
     def _errors(self, x: Tensor, alpha: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
-        """Mean squared error ``[K, G]`` of fake-quantizing ``x [G, N]`` on each candidate."""
+        """Mean squared error ``[K, G]`` of fake-quantizing ``x [G, N]`` on each candidate.
+
+        Computed in place, on the CPU in blocks of at most ``block_cells`` (rows of ``x`` x
+        candidates) that stay in the cache: on a 30522 x 384 embedding table (per row, 2
+        threads) 1.2 s instead of 9.1 s for whole-tensor passes. A GPU gets large blocks (few
+        kernel launches)."""
         s, z = qparams_from_qrange(
             alpha * lo, alpha * hi, self.qmin, self.qmax, self.spec.symmetric
         )
-        s, z = s.to(x.device)[..., None], z.to(x.device)[..., None]
-        step = max(1, self.max_cells // x.numel())
-        out = [
-            ((_fq_eval(x, s[i : i + step], z[i : i + step], self.qmin, self.qmax) - x) ** 2).mean(
-                -1
-            )
-            for i in range(0, alpha.shape[0], step)
-        ]
-        return torch.cat(out)
+        s, z = s.to(x.device), z.to(x.device)
+        inv, low, high = torch.reciprocal(s), self.qmin - z, self.qmax - z
+        n_cand, n_rows, width = s.shape[0], x.shape[0], x.shape[1]
+        out = torch.empty(n_cand, n_rows, device=x.device)
+        cells = self.block_cells if x.device.type == "cpu" else 1 << 24
+        rows = max(1, cells // width)
+        for r in range(0, n_rows, rows):
+            xb = x[r : r + rows]
+            step = max(1, cells // xb.numel())
+            for k in range(0, n_cand, step):
+                cand = (slice(k, k + step), slice(r, r + rows), None)
+                err = (xb * inv[cand]).round_().clamp_(low[cand], high[cand])
+                out[cand[:2]] = err.mul_(s[cand]).sub_(xb).square_().mean(-1)
+        return out
 
     def _compute(self) -> tuple[Tensor, Tensor]:
         assert self.samples is not None and self.min_val is not None and self.max_val is not None

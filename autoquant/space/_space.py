@@ -116,7 +116,7 @@ class SearchSpace:
     a_sym: tuple[bool, ...] = (False,)
     w_gran: tuple[str, ...] = ("per_channel",)
     a_gran: tuple[str, ...] = ("per_tensor",)
-    w_calib: tuple[str, ...] = ("minmax",)
+    w_calib: tuple[str, ...] = ("mse",)
     a_calib: tuple[str, ...] = ("minmax",)
     w_learn: tuple[str, ...] | None = None
     a_learn: tuple[str, ...] | None = None

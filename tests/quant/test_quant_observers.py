@@ -10,11 +10,14 @@ from autoquant.quant import (
     MinMaxObserver,
     MovingAverageObserver,
     MSEObserver,
+    Observer,
     PercentileObserver,
+    clear_weight_range_cache,
     fake_quantize,
     make_observer,
     qparams_from_range,
 )
+from autoquant.quant import _observers as observers_module
 from autoquant.types import CalibrationMethod, PlanError, QuantSpec
 
 METHODS = [m.value for m in CalibrationMethod]
@@ -197,6 +200,40 @@ def test_mse_beats_minmax_on_quantization_error(bits: int, symmetric: bool) -> N
         assert err_mse < 0.2 * err_mm
 
 
+@pytest.mark.parametrize("block_cells", [1 << 6, 1 << 10])
+def test_mse_weight_ranges_do_not_depend_on_the_block_size(
+    monkeypatch: pytest.MonkeyPatch, block_cells: int
+) -> None:
+    # Rows of 75 values: 1 << 6 splits every row from the next, 1 << 10 takes 13 rows at once.
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(37, 3, 5, 5, generator=g) * torch.rand(37, 1, 1, 1, generator=g)
+    spec = QuantSpec(bits=3, granularity="per_channel", calibration="mse")
+
+    def ranges() -> tuple[torch.Tensor, torch.Tensor]:
+        clear_weight_range_cache()
+        obs = MSEObserver(spec, for_weight=True)
+        obs.update(w)
+        return obs.compute_range()
+
+    monkeypatch.setattr(MSEObserver, "block_cells", 1 << 30)
+    whole = ranges()
+    monkeypatch.setattr(MSEObserver, "block_cells", block_cells)
+    blocked = ranges()
+    assert torch.equal(blocked[0], whole[0]) and torch.equal(blocked[1], whole[1])
+
+    # Per row, never worse than min/max (errors from torch's own per-channel fake-quant).
+    def row_errors(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        s, z = qparams_from_range(lo, hi, spec)
+        out = torch.fake_quantize_per_channel_affine(w, s, z.int(), 0, *spec.qrange)
+        return ((out - w) ** 2).flatten(1).mean(1)
+
+    mm = MinMaxObserver(spec, for_weight=True)
+    mm.update(w)
+    err_mse, err_mm = row_errors(*blocked), row_errors(*mm.compute_range())
+    assert bool((err_mse <= err_mm * (1 + 1e-6)).all())
+    assert float(err_mse.sum()) < 0.9 * float(err_mm.sum())  # 3 bits: clipping pays
+
+
 def test_mse_finds_known_optimum_for_gaussian() -> None:
     # Uniform 4-bit quantization of N(0, 1): the MSE-optimal symmetric clip is about 2.5 sigma
     # (Banner et al. 2019, Table 1: 2.55 for 4 bits with 16 levels; 15 levels here).
@@ -227,3 +264,59 @@ def test_weight_observer_per_channel_loops_channels() -> None:
         lo, hi = obs.compute_range()
         spread = (hi - lo) / (w.reshape(4, -1).amax(1) - w.reshape(4, -1).amin(1))
         assert ((spread > 0.3) & (spread <= 1.0 + 1e-5)).all(), method
+
+
+@pytest.mark.parametrize("method", ["mse", "percentile", "kl"])
+def test_weight_ranges_are_cached_by_value_and_spec(
+    monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    clear_weight_range_cache()
+    cls = CLASSES[method]
+    calls = []
+    compute = cls._compute
+
+    def counting(self: Observer) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(self)
+        return compute(self)
+
+    monkeypatch.setattr(cls, "_compute", counting)
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(8, 4, 3, 3, generator=g)
+    spec = QuantSpec(bits=3, granularity="per_channel", calibration=method)
+
+    def weight_range(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        obs = make_observer(spec, for_weight=True)
+        obs.update(w)
+        return obs.compute_range()
+
+    first = weight_range(w, spec)
+    again = weight_range(w.clone(), spec)  # another tensor, same values: a hit
+    assert len(calls) == 1
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    again[0].zero_()  # the caller's copy: the cache stays intact
+    assert torch.equal(weight_range(w, spec)[0], first[0]) and len(calls) == 1
+    # LSQ starts from the same calibrated range: still a hit.
+    weight_range(w, spec.replace(learned_scale=True))
+    assert len(calls) == 1
+    # One changed value, or another bit width: computed afresh, and equal to an uncached run.
+    w2 = w.clone()
+    w2[0, 0, 0, 0] += 1.0
+    for args in ((w2, spec), (w, spec.replace(bits=4))):
+        got = weight_range(*args)
+        clear_weight_range_cache()
+        assert all(torch.equal(a, b) for a, b in zip(got, weight_range(*args), strict=True))
+    assert len(calls) == 5
+
+
+def test_weight_range_cache_stays_under_its_byte_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    clear_weight_range_cache()
+    monkeypatch.setattr(observers_module, "WEIGHT_RANGE_CACHE_BYTES", 3 * 2 * 64 * 4)
+    spec = QuantSpec(bits=4, granularity="per_channel", calibration="mse")
+    for seed in range(5):  # five weights of 64 channels: 512 bytes of range each
+        obs = make_observer(spec, for_weight=True)
+        obs.update(torch.randn(64, 9, generator=torch.Generator().manual_seed(seed)))
+        obs.compute_range()
+    cached = observers_module._WEIGHT_RANGES
+    assert len(cached) == 3  # the two oldest were evicted
+    assert sum(a.nbytes + b.nbytes for a, b in cached.values()) <= 3 * 2 * 64 * 4
+    clear_weight_range_cache()
