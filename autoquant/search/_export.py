@@ -43,6 +43,7 @@ from ._record import (
     read_study_record,
     write_deployed_check,
 )
+from ._resume import plan_difference
 
 MISMATCH_TOLERANCE = 0.005  # deployed vs simulated accuracy: 0.5 points
 _EPS = 1e-9
@@ -177,8 +178,16 @@ def _replay(
         result = replay(ctx, trial.params, float_accuracy=fb.accuracy)
     except ValueError as e:  # a parameter value the edited space does not offer
         raise ValueError(f"{stale} ({e})") from None
-    if result.plan != record.quant_plan:
-        raise ValueError(stale)
+    stored = record.quant_plan
+    if result.plan != stored:
+        why = "no plan stored" if stored is None else plan_difference(stored, result.plan)
+        hint = ""
+        if why is not None and why.endswith("weight calibration 'minmax' -> 'mse'"):
+            hint = (
+                '; the space\'s default weight calibration became "mse": add '
+                'w_calib = ["minmax"] under [space]'
+            )
+        raise ValueError(f"{stale} ({why}{hint})")
     return result
 
 

@@ -17,6 +17,7 @@ as complete trials so the sampler learns from them.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -28,7 +29,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import FrozenTrial, TrialState
 
 from autoquant.space import SearchSpace, plan_from_trial, qat_params_from_trial
-from autoquant.types import PlanError
+from autoquant.types import PlanError, QuantPlan
 
 from ._context import SearchContext, fitted_space
 from ._objectives import OBJECTIVES
@@ -53,6 +54,7 @@ from ._storages import (
 )
 
 _SHOWN = 4  # parameters named per kind of change; the rest are counted
+log = logging.getLogger("autoquant")
 
 
 class SpaceChangedError(StudyFileError):
@@ -60,18 +62,20 @@ class SpaceChangedError(StudyFileError):
 
 
 class _Recorder:
-    """A trial that records the distribution of every parameter it is asked for."""
+    """A trial that records the distribution of every parameter it is asked for, and answers
+    each with its first (or, ``last=True``, its last) choice."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, last: bool = False) -> None:
         self.distributions: dict[str, BaseDistribution] = {}
+        self.last = last
 
     def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any:
         self.distributions[name] = CategoricalDistribution(list(choices))
-        return choices[0]
+        return choices[-1] if self.last else choices[0]
 
     def suggest_float(self, name: str, low: float, high: float, *, log: bool = False) -> float:
         self.distributions[name] = FloatDistribution(low, high, log=log)
-        return low
+        return high if self.last else low
 
 
 def param_distributions(
@@ -88,6 +92,79 @@ def param_distributions(
     plan_from_trial(recorder, space, layer_names)
     qat_params_from_trial(recorder, space, 1e-3, 1)
     return recorder.distributions
+
+
+def plan_difference(before: QuantPlan, after: QuantPlan) -> str | None:
+    """The first difference between two plans, in words; ``None`` when they are equal.
+
+    Example:
+        >>> from autoquant.types import LayerPlan, QuantSpec
+        >>> w4, a8 = QuantSpec(bits=4), QuantSpec(bits=8)
+        >>> a = QuantPlan({"fc": LayerPlan(w4, a8)})
+        >>> b = QuantPlan({"fc": LayerPlan(w4.replace(calibration="mse"), a8)})
+        >>> plan_difference(a, b)
+        "layer fc: weight calibration 'minmax' -> 'mse'"
+    """
+    for name in dict.fromkeys([*before.layers, *after.layers]):
+        old, new = before.layers.get(name), after.layers.get(name)
+        if old is None or new is None:
+            return f"layer {name}: {'absent' if old is None else 'quantized'} -> " + (
+                "absent" if new is None else "quantized"
+            )
+        for side in ("weight", "activation"):
+            a, b = getattr(old, side).to_dict(), getattr(new, side).to_dict()
+            for key in sorted(set(a) | set(b)):
+                if a.get(key) != b.get(key):
+                    return f"layer {name}: {side} {key} {a.get(key)!r} -> {b.get(key)!r}"
+    if before.adds != after.adds:
+        return f"adds: {before.adds.short()} -> {after.adds.short()}"
+    return None
+
+
+def _key_lines(old: SearchSpace, new: SearchSpace) -> list[str]:
+    old_dict, new_dict = old.to_dict(), new.to_dict()
+    lines = []
+    for key in sorted(set(old_dict) | set(new_dict)):
+        a, b = old_dict.get(key), new_dict.get(key)
+        if a != b:
+            hint = ""
+            if key == "w_calib" and a == ["minmax"] and b == ["mse"]:
+                hint = ' (the default became ["mse"]; w_calib = ["minmax"] under [space] keeps it)'
+            lines.append(f"space.{key}: {a!r} -> {b!r}{hint}")
+    return lines
+
+
+def fixed_knob_changes(
+    old_space: Mapping[str, Any],
+    old_layers: Sequence[str],
+    new_space: SearchSpace,
+    new_layers: Sequence[str],
+) -> list[str]:
+    """For two spaces with the same parameters: what makes the same parameters give another
+    plan (a fixed knob: ``percentile``, a one-choice ``w_calib``...), one line each; empty
+    when the plans agree at every parameter's first and at its last choice.
+
+    Optuna can go on with such a study, but its earlier trials ran with the old setting.
+
+    Example:
+        >>> old = SearchSpace(a_sym=(True,)).to_dict()
+        >>> for line in fixed_knob_changes(old, ["fc"], SearchSpace(), ["fc"]):
+        ...     print(line)
+        space.a_sym: [True] -> [False]
+        the same parameters give another plan (layer fc: activation symmetric True -> False)
+    """
+    try:
+        old = SearchSpace.from_dict(dict(old_space))
+    except (PlanError, TypeError):
+        return []
+    for last in (False, True):
+        diff = plan_difference(
+            plan_from_trial(_Recorder(last=last), old, old_layers),
+            plan_from_trial(_Recorder(last=last), new_space, new_layers),
+        )
+        if diff is not None:
+            return [*_key_lines(old, new_space), f"the same parameters give another plan ({diff})"]
+    return []
 
 
 def _text(d: BaseDistribution | None) -> str:
@@ -155,11 +232,7 @@ def space_changes(
     before = param_distributions(old, old_layers)
     if before == after:
         return []
-    lines = []
-    old_dict, new_dict = old.to_dict(), new_space.to_dict()
-    for key in sorted(set(old_dict) | set(new_dict)):
-        if old_dict.get(key) != new_dict.get(key):
-            lines.append(f"space.{key}: {old_dict.get(key)!r} -> {new_dict.get(key)!r}")
+    lines = _key_lines(old, new_space)
     if list(old_layers) != list(new_layers):
         added = [n for n in new_layers if n not in set(old_layers)]
         removed = [n for n in old_layers if n not in set(new_layers)]
@@ -187,10 +260,20 @@ def check_space_unchanged(study: optuna.Study, ctx: SearchContext) -> None:
     finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
     recorded = {n: d for t in finished for n, d in t.distributions.items()}
     lines = space_changes(stored, old_layers, spec.space, ctx.layer_names, recorded=recorded)
-    if not lines:
-        return
     where = spec.source or spec.name
     complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    if not lines:
+        moved = fixed_knob_changes(stored, old_layers, spec.space, ctx.layer_names)
+        if moved and complete:
+            log.warning(
+                "%s: study %r goes on, but its %d complete trials ran with other settings "
+                "(new trials quantize the same parameters differently):\n  %s",
+                where,
+                spec.name,
+                complete,
+                "\n  ".join(moved),
+            )
+        return
     raise SpaceChangedError(
         f"{where}: the search space differs from the one study {spec.name!r} was run with "
         f"({complete} complete trials); Optuna cannot mix the two in one study. What "

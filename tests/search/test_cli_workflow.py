@@ -5,6 +5,7 @@ A real (tiny) task: ``cli_tiny_task:tiny_task``, a whole search in seconds.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -142,3 +143,38 @@ def test_an_edited_space_stops_before_any_trial_and_fork_continues_from_what_is_
     assert len(_study(f).get_trials()) == len(before)
     assert main(["search", str(f), "-q", "--fork", "--trials", "1"]) == 0
     assert "into 'tiny-fork2'" in capsys.readouterr().out
+
+
+def test_a_fixed_knob_changed_under_a_study_warns_on_resume_and_export_names_it(
+    make_file,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A study run with min/max weights (the old default), resumed with a study file that now
+    gives MSE: the parameters are the same, so the search goes on, but it says that the
+    complete trials ran with other settings; exporting one of them names the difference."""
+    f = make_file(trials=2)
+    text = f.read_text()
+    f.write_text(text.replace("[space]\n", '[space]\nw_calib = ["minmax"]\n'))
+    assert main(["search", str(f), "-q"]) == 0
+    (old,) = [t for t in _study(f).get_trials() if read_record(t).baseline == "w8a8"]
+    capsys.readouterr()
+
+    f.write_text(text)  # w_calib left out: the default, ["mse"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="autoquant"):
+        assert main(["search", str(f), "-q", "--trials", "3"]) == 0
+    (warning,) = [r.getMessage() for r in caplog.records if "goes on" in r.getMessage()]
+    assert "study 'tiny' goes on, but its 2 complete trials ran with other settings" in warning
+    assert "space.w_calib: ['minmax'] -> ['mse'] (the default became" in warning
+    assert "(layer 0: weight calibration 'minmax' -> 'mse')" in warning
+    assert sum(t.state == TrialState.COMPLETE for t in _study(f).get_trials()) == 3
+
+    out = tmp_path / "export"
+    assert main(["export", str(f), "--trial", str(old.number), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"trial {old.number}: the study file's space no longer yields the stored plan" in err
+    assert "(layer 0: weight calibration 'minmax' -> 'mse';" in err
+    assert 'w_calib = ["minmax"]' in err
+    assert not out.exists()
