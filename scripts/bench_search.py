@@ -164,9 +164,10 @@ def main() -> None:
                 results.setdefault((name, mode), []).append(run(spec, mode, seed, seconds))
 
     checkpoints = {
-        "default": [T / 3, 2 * T / 3, T],
-        "default-minmax": [T / 3, 2 * T / 3, T],
-        **{m: [k * T for k in range(1, int(args.factor) + 1)] for m in ("tpe", "random")},
+        m: [T / 3, 2 * T / 3, T]
+        if m.startswith("default")
+        else [k * T for k in range(1, int(args.factor) + 1)]
+        for m in modes
     }
     print(
         f"\nConstrained hypervolume (feasible trials; (1 - accuracy, size / float), reference "

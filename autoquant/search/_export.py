@@ -43,7 +43,7 @@ from ._record import (
     read_study_record,
     write_deployed_check,
 )
-from ._resume import plan_difference
+from ._resume import plan_difference, space_key_changes
 
 MISMATCH_TOLERANCE = 0.005  # deployed vs simulated accuracy: 0.5 points
 _EPS = 1e-9
@@ -168,7 +168,11 @@ def _trial(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
 
 
 def _replay(
-    ctx: SearchContext, trial: optuna.trial.FrozenTrial, record: TrialRecord, fb: FloatBaseline
+    study: optuna.Study,
+    ctx: SearchContext,
+    trial: optuna.trial.FrozenTrial,
+    record: TrialRecord,
+    fb: FloatBaseline,
 ) -> TrialResult:
     stale = (
         f"trial {trial.number}: the study file's space no longer yields the stored plan; "
@@ -180,14 +184,11 @@ def _replay(
         raise ValueError(f"{stale} ({e})") from None
     stored = record.quant_plan
     if result.plan != stored:
-        why = "no plan stored" if stored is None else plan_difference(stored, result.plan)
-        hint = ""
-        if why is not None and why.endswith("weight calibration 'minmax' -> 'mse'"):
-            hint = (
-                '; the space\'s default weight calibration became "mse": add '
-                'w_calib = ["minmax"] under [space]'
-            )
-        raise ValueError(f"{stale} ({why}{hint})")
+        why = ["no plan stored" if stored is None else plan_difference(stored, result.plan)]
+        stored_space = (read_study_record(study).spec or {}).get("space")
+        if stored_space is not None:
+            why += space_key_changes(stored_space, ctx.spec.space)
+        raise ValueError(f"{stale} ({'; '.join(w for w in why if w)})")
     return result
 
 
@@ -228,7 +229,7 @@ def verify_deployment(
     number = trial if isinstance(trial, int) else trial.number
     frozen = _trial(study, number)
     fb = read_float_baseline(study)
-    result = _replay(ctx, frozen, read_record(frozen), fb)
+    result = _replay(study, ctx, frozen, read_record(frozen), fb)
     with tempfile.TemporaryDirectory(prefix="autoquant-verify-") as d:
         info = export_onnx(
             result.model.eval(),
@@ -269,7 +270,7 @@ def export_trial(
     check_output_folder(out_dir, force=force, owned=EXPORT_FILES.__contains__, what="export")
     baseline = read_float_baseline(study)
     record = read_record(trial)
-    result = _replay(ctx, trial, record, baseline)
+    result = _replay(study, ctx, trial, record, baseline)
     model = result.model.eval()
     with output_folder(out_dir, force=force) as out:
         (out / "plan.json").write_text(result.plan.to_json(indent=2) + "\n", encoding="utf-8")

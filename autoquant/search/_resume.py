@@ -134,6 +134,16 @@ def _key_lines(old: SearchSpace, new: SearchSpace) -> list[str]:
     return lines
 
 
+def space_key_changes(old_space: Mapping[str, Any], new_space: SearchSpace) -> list[str]:
+    """The keys of a stored space (``SearchSpace.to_dict()``) that the new one changes, one
+    line each (``space.w_bits: [2, 4, 8] -> [4, 8]``); empty for a stored space this version
+    cannot read."""
+    try:
+        return _key_lines(SearchSpace.from_dict(dict(old_space)), new_space)
+    except (PlanError, TypeError):
+        return []
+
+
 def fixed_knob_changes(
     old_space: Mapping[str, Any],
     old_layers: Sequence[str],
